@@ -86,12 +86,60 @@ class TaskResult:
         segmentations: named boolean masks, e.g. {"anomaly": Volume}.
         scores: named numbers, e.g. {"noise_level_hu": 18.2, "anomaly_score": 0.31}.
         summary: one line for logs and the CLI.
+        messages: notes for the user (e.g. anatomy classes the model does not know).
     """
 
     volumes: dict[str, Volume] = field(default_factory=dict)
     segmentations: dict[str, Volume] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     summary: str = ""
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One task parameter: its type, default and a help line (used by the CLI and the UI)."""
+
+    type: type
+    default: Any
+    help: str
+    choices: Optional[tuple] = None
+
+
+# Parameters every sampling task takes.
+COMMON_PARAMS: dict[str, ParamSpec] = {
+    "steps": ParamSpec(int, 20, "number of reverse diffusion steps actually run"),
+    "seed": ParamSpec(int, 0, "random seed; the same seed gives the same result on the same device"),
+    "method": ParamSpec(str, "ddim", "reverse step: ddim (deterministic) or ddpm (ancestral)", ("ddim", "ddpm")),
+    "window": ParamSpec(int, 0, "window edge in voxels (0 = the model's own)"),
+    "overlap": ParamSpec(float, 0.25, "overlap between neighbouring windows, in [0, 1)"),
+    "batch_size": ParamSpec(int, 4, "windows per network call (memory bound)"),
+    "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it), fp32, bf16 or fp16",
+                           ("auto", "fp32", "bf16", "fp16")),
+}
+
+
+def check_params(task: str, params: Mapping[str, Any], specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """Defaults filled in, types coerced, unknown keys refused."""
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for task {task!r}; known: {sorted(specs)}")
+    out = {}
+    for name, spec in specs.items():
+        value = params.get(name, spec.default)
+        if spec.type is bool and isinstance(value, str):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"parameter {name!r} of task {task!r} must be true or false, got {value!r}")
+            value = value.lower() in ("1", "true", "yes", "on")
+        elif value is not None and spec.type is not object:
+            try:
+                value = spec.type(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"parameter {name!r} of task {task!r} must be {spec.type.__name__}: {e}") from e
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"parameter {name!r} must be one of {spec.choices}, got {value!r}")
+        out[name] = value
+    return out
 
 
 def check_image(image: Volume | None, name: str = "image") -> Volume:
