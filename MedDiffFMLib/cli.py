@@ -1,0 +1,339 @@
+"""``meddiff-fm``: the library's tasks, training and tools from a shell.
+
+Every task command reads an image (NIfTI, NRRD, MetaImage or a DICOM folder), runs the same
+``run_task`` the Slicer module runs, writes its outputs (NIfTI or NRRD, by extension) and
+prints one summary line. Nothing is written when a run fails or is interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+EPILOG_TASK = ("Outputs: the main result goes to --output (default: next to the input, named "
+               "<input>_<task>.nii.gz); other results are written beside it as <output>_<name>.nii.gz.")
+
+
+# ----------------------------------------------------------------------- helpers
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _ext(path: Path) -> str:
+    name = path.name.lower()
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(ext):
+            return ext
+    raise SystemExit(f"error: output {path} must end in .nii.gz, .nii, .nrrd or .mha")
+
+
+def _progress_bar(desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="‰", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def update(p) -> None:
+        bar.n = int(round(1000 * min(1.0, p.fraction)))
+        bar.set_postfix_str(f"{p.stage} step {p.step}/{p.total_steps} window {p.window}/{p.total_windows}",
+                            refresh=False)
+        bar.refresh()
+
+    return bar, update
+
+
+def _add_common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="foundation model directory or registry id (default: the bundled demo weights)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_task_params(p: argparse.ArgumentParser, task: str) -> None:
+    from .tasks import TASK_PARAMS
+
+    group = p.add_argument_group(f"{task} parameters")
+    for name, spec in TASK_PARAMS[task].items():
+        flag = "--" + name.replace("_", "-")
+        if spec.type is bool:
+            group.add_argument(flag, dest=name, default=spec.default, action=argparse.BooleanOptionalAction,
+                               help=f"{spec.help} (default: {spec.default})")
+        elif spec.type is object:
+            group.add_argument(flag, dest=name, default=spec.default, nargs=3, type=float,
+                               help=f"{spec.help} (default: {spec.default})")
+        else:
+            group.add_argument(flag, dest=name, type=spec.type, default=spec.default, choices=spec.choices,
+                               help=f"{spec.help} (default: {spec.default})")
+
+
+def _task_params(args, task: str) -> dict:
+    from .tasks import TASK_PARAMS
+
+    return {name: getattr(args, name) for name in TASK_PARAMS[task]}
+
+
+def _write_outputs(result, main_name: str, output: Path, label_names=None) -> list[Path]:
+    """Main volume to ``output``; the rest beside it. Written only after the task succeeded."""
+    from . import io
+
+    ext = _ext(output)
+    base = output.name[: -len(ext)]
+    written = []
+    items = [(k, v, False) for k, v in result.volumes.items()] + [(k, v, True) for k, v in result.segmentations.items()]
+    for name, vol, is_seg in items:
+        path = output if name == main_name else output.with_name(f"{base}_{name}{ext}")
+        if is_seg:
+            from .volume import Volume
+            vol = Volume(vol.array.astype("uint8"), vol.ijk_to_ras)
+        io.write_volume(path, vol)
+        written.append(path)
+    return written
+
+
+MAIN_OUTPUT = {"denoise": "denoised", "anomaly": "anomaly_map", "synthesize": "synthetic", "superres": "superres",
+               "lesion": "lesion", "inpaint": "inpainted"}
+
+
+def _run_task_command(args, task: str) -> int:
+    from . import io
+    from .tasks import Cancelled, TaskRequest, run_task
+
+    image = io.read_volume(args.input) if getattr(args, "input", None) else None
+    anatomy = names = mask = None
+    if getattr(args, "anatomy", None):
+        anatomy, names = io.read_labelmap(args.anatomy)
+    if getattr(args, "mask", None):
+        mask, _ = io.read_labelmap(args.mask)
+    if getattr(args, "reference", None):
+        image = io.read_volume(args.reference)
+    request = TaskRequest(image=image, region=args.region, anatomy=anatomy, anatomy_names=names, mask=mask,
+                          params=_task_params(args, task))
+    if args.output:
+        output = Path(args.output)
+    else:
+        src = Path(args.input or args.anatomy or args.reference or f"{task}.nii.gz")
+        output = (src.parent if (args.input or args.anatomy or args.reference) else Path.cwd()) / \
+            f"{_stem(src)}_{task}.nii.gz"
+    _ext(output)
+    bar, update = (None, None) if args.quiet else _progress_bar(task)
+    t0 = time.monotonic()
+    try:
+        result = run_task(task, request, args.model, controlnet=getattr(args, "controlnet", None),
+                          device=args.device, progress=update)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
+    except Cancelled:
+        print("cancelled: nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    written = _write_outputs(result, MAIN_OUTPUT[task], output)
+    for m in result.messages:
+        print(f"note: {m}")
+    print(f"{task}: {result.summary} [{time.monotonic() - t0:.1f} s]")
+    for p in written:
+        print(f"  wrote {p}")
+    if result.scores:
+        print("  scores: " + json.dumps({k: round(v, 4) for k, v in result.scores.items()}))
+    return 0
+
+
+def _add_task_command(sub, task: str, help: str, input_required: bool = True, mask: bool = False,
+                      controlnet: bool = False):
+    p = sub.add_parser(task, help=help, description=help, epilog=EPILOG_TASK)
+    if input_required:
+        p.add_argument("input", help="input CT: NIfTI, NRRD, MetaImage file or DICOM series folder")
+    p.add_argument("-o", "--output", default=None, help="main output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--region", default="auto" if input_required else None,
+                   help="head_neck | chest | abdomen | auto (guess from the image)")
+    p.add_argument("--anatomy", default=None,
+                   help="optional anatomy label map (TotalSegmentator classes; names from <file>.labels.json "
+                        "or the TotalSegmentator v2 table)")
+    if mask:
+        p.add_argument("--mask", required=True, help="lesion / inpainting mask (non-zero = inside)")
+    if controlnet:
+        p.add_argument("--controlnet", default=None,
+                       help="ControlNet directory or registry id (default: the bundled one for this task)")
+    _add_common_run_args(p)
+    _add_task_params(p, task)
+    p.set_defaults(func=lambda a, t=task: _run_task_command(a, t))
+    return p
+
+
+# ----------------------------------------------------------------------- train
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="folder of CT images (labels of the same name in <folder>/labels/) or a JSON manifest "
+                           "[{\"image\": ..., \"labels\": ..., \"region\": ...}]")
+    data.add_argument("--region", default=None, help="region for cases the manifest does not label "
+                                                     "(default: guessed per image)")
+    data.add_argument("--phantoms", type=int, default=0,
+                      help="train on this many synthetic phantoms instead of (or besides) --data")
+    data.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0)")
+    data.add_argument("--phantom-fov", type=float, nargs=3, default=(192.0, 256.0, 256.0),
+                      metavar=("K_MM", "J_MM", "I_MM"), help="phantom field of view in mm (default 192 256 256)")
+    data.add_argument("--phantom-noise", type=float, default=0.0,
+                      help="CT noise (HU) in training phantoms (default 0: learn clean anatomy)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="output folder: model/ (inference weights), training_state/, log")
+    run.add_argument("--resume", action="store_true", help="continue exactly from <out>/training_state")
+    run.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default 1000)")
+    run.add_argument("--batch-size", type=int, default=2, help="samples per process per micro-step (default 2)")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    run.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    run.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    run.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
+    run.add_argument("--checkpoint-every", type=int, default=500, help="save every N steps (default 500)")
+    run.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    run.add_argument("--seed", type=int, default=0, help="seed for weights init, sampling and noise (default 0)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: the local rank's GPU)")
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                     help="auto = bf16 autocast on CUDA GPUs that support it, else fp32")
+    run.add_argument("--p-drop-region", type=float, default=0.15, help="region-condition dropout (default 0.15)")
+    run.add_argument("--p-drop-anatomy", type=float, default=0.15, help="anatomy-condition dropout (default 0.15)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_options(args):
+    from .training import TrainOptions
+
+    return TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                        ema_decay=args.ema_decay, grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every,
+                        seed=args.seed, precision=args.precision, p_drop_region=args.p_drop_region,
+                        p_drop_anatomy=args.p_drop_anatomy, max_minutes=args.max_minutes,
+                        progress=not args.no_progress)
+
+
+def _model_config(args):
+    from .networks import preset
+
+    overrides = {}
+    if args.window:
+        overrides["window"] = args.window
+    if args.spacing:
+        overrides["spacing_mm"] = args.spacing
+    if args.channels:
+        overrides["channels"] = tuple(args.channels)
+        overrides.setdefault("attention_levels", tuple([False] * (len(args.channels) - 1) + [True]))
+    return preset(args.preset, **overrides)
+
+
+def cmd_train(args) -> int:
+    from .training import Trainer, manifest_cases, phantom_cases
+
+    cfg = _model_config(args)
+    if args.resume and (Path(args.out) / "model" / "config.json").exists():
+        from .checkpoint import read_config
+        from .networks import ModelConfig
+
+        saved = read_config(Path(args.out) / "model")
+        cfg = ModelConfig.from_dict({k: v for k, v in saved.items() if k not in ("kind", "format", "meta")})
+    cases = []
+    if args.data:
+        cases += manifest_cases(args.data, cfg, args.region)
+    if args.phantoms:
+        cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
+                               noise_hu=args.phantom_noise)
+    if not cases:
+        raise SystemExit("error: no training data: give --data and/or --phantoms N")
+    trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device)
+    if args.resume:
+        trainer.resume()
+    losses = trainer.train()
+    if trainer.dist.main:
+        tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
+        print(f"train: {trainer.step} steps, mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}; "
+              f"model in {Path(args.out) / 'model'}")
+    return 0
+
+
+# ----------------------------------------------------------------------- phantom
+def cmd_phantom(args) -> int:
+    from . import io
+    from .phantoms import make_phantom
+    from .volume import Volume
+
+    ph = make_phantom(args.region, shape_kji=tuple(args.shape), spacing_kji=tuple(args.spacing), seed=args.seed,
+                      lesions=args.lesions, noise_hu=args.noise)
+    out = Path(args.output)
+    io.write_volume(out, ph.volume())
+    ext = _ext(out)
+    stem = out.name[: -len(ext)]
+    lab = out.with_name(f"{stem}_labels{ext}")
+    io.write_volume(lab, ph.label_volume(), label_names=ph.label_names)
+    written = [out, lab]
+    if ph.lesion_mask.any():
+        les = out.with_name(f"{stem}_lesions{ext}")
+        io.write_volume(les, Volume(ph.lesion_mask.astype("uint8"), ph.ijk_to_ras))
+        written.append(les)
+    print(f"phantom: {args.region}, seed {args.seed}, shape (k, j, i) {tuple(args.shape)}, "
+          f"spacing {tuple(args.spacing)} mm, {int(ph.lesion_mask.any() and args.lesions)} lesion set(s)")
+    for p in written:
+        print(f"  wrote {p}")
+    return 0
+
+
+# ----------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meddiff-fm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="pretrain the foundation model (single process or torchrun DDP)",
+                       description="Pretrain the foundation model with multi-level samples, L1 on epsilon, cosine "
+                                   "schedule (T = 1000), AdamW, EMA. Multi-GPU / multi-node: "
+                                   "torchrun --nproc_per_node N -m MedDiffFMLib.cli train ...")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="small", choices=("base", "small", "tiny"),
+                       help="network size: base (the paper's, 128^3 windows at 1 mm), small (CPU demo), tiny (tests)")
+    model.add_argument("--window", type=int, default=None, help="override the preset's window edge (voxels)")
+    model.add_argument("--spacing", type=float, default=None, help="override the preset's isotropic spacing (mm)")
+    model.add_argument("--channels", type=int, nargs="+", default=None, help="override the channels per level")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    _add_task_command(sub, "denoise", "zero-shot denoising (DiffPIR with an estimated noise level)")
+    _add_task_command(sub, "anomaly", "zero-shot anomaly detection by partial diffusion and reconstruction")
+    sp = _add_task_command(sub, "synthesize", "synthesise a CT from a region and optional anatomy label map",
+                           input_required=False)
+    sp.add_argument("--reference", default=None, help="image whose grid the output takes (when no --anatomy)")
+
+    p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
+    p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"))
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("K", "J", "I"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), metavar=("SK", "SJ", "SI"))
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--lesions", type=int, default=0)
+    p.add_argument("--noise", type=float, default=12.0, help="CT noise std in HU")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_phantom)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
