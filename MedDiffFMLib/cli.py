@@ -259,6 +259,82 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .checkpoint import load_base, sha256_file
+    from .finetune import lesion_cases_from_arrays, lesion_phantom_cases, superres_cases
+    from .networks import ControlNetConfig
+    from .training import Trainer, manifest_cases, phantom_cases
+
+    base_dir = _resolve_base(args.base)
+    base = load_base(base_dir)
+    cfg = base.cfg
+    params = {}
+    if args.task == "superres":
+        factor = tuple(int(f) for f in args.factor)
+        if min(factor) < 1:
+            raise SystemExit("error: --factor values must be >= 1")
+        params["factor"] = list(factor)
+        cases = []
+        if args.data:
+            cases += manifest_cases(args.data, cfg, args.region)
+        if args.phantoms:
+            cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
+                                   noise_hu=args.phantom_noise)
+        cases = superres_cases(cases, factor)
+        channels = 1
+    else:
+        cases = []
+        if args.data:
+            cases += _lesion_manifest(args.data, cfg, args.region)
+        if args.phantoms:
+            cases += lesion_phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, lesions=args.lesions,
+                                          fov_mm=args.phantom_fov)
+        channels = 2
+    if not cases:
+        raise SystemExit("error: no training data: give --data and/or --phantoms N")
+    cn_cfg = ControlNetConfig(task=args.task, control_channels=channels, base=cfg,
+                              base_sha256=sha256_file(base_dir / "model.safetensors"), params=params)
+    trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device, base=base,
+                      controlnet_cfg=cn_cfg)
+    if args.resume:
+        trainer.resume()
+    losses = trainer.train()
+    if trainer.dist.main:
+        tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
+        print(f"finetune ({args.task}): {trainer.step} steps, mean loss of the last {len(tail)} steps "
+              f"{sum(tail) / len(tail):.4f}; ControlNet in {Path(args.out) / 'model'}")
+    return 0
+
+
+def _resolve_base(name) -> Path:
+    from .tasks.common import resolve_model_dir
+
+    return resolve_model_dir(name, kind="base")
+
+
+def _lesion_manifest(manifest, cfg, region):
+    """Lesion pairs from a JSON manifest [{"image": ..., "mask": ..., "labels": ..., "region": ...}]."""
+    from . import io
+    from .finetune import lesion_cases_from_arrays
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise SystemExit("error: --data for lesion fine-tuning must be a JSON manifest with 'image' and 'mask'")
+    cases = []
+    for e in json.loads(path.read_text()):
+        if "image" not in e or "mask" not in e:
+            raise SystemExit(f"error: manifest entry needs 'image' and 'mask': {e}")
+        img = io.read_volume(path.parent / e["image"])
+        mask, _ = io.read_labelmap(path.parent / e["mask"])
+        labels = names = None
+        if e.get("labels"):
+            lv, names = io.read_labelmap(path.parent / e["labels"])
+            labels = lv.array
+        cases.append(lesion_cases_from_arrays(img.array, img.ijk_to_ras, mask.array > 0, e.get("region", region),
+                                              cfg, labels, names, name=e["image"]))
+    return cases
+
+
 # ----------------------------------------------------------------------- phantom
 def cmd_phantom(args) -> int:
     from . import io
@@ -309,6 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = _add_task_command(sub, "synthesize", "synthesise a CT from a region and optional anatomy label map",
                            input_required=False)
     sp.add_argument("--reference", default=None, help="image whose grid the output takes (when no --anatomy)")
+
+    p = sub.add_parser("finetune", help="fine-tune a task ControlNet (superres or lesion) on a frozen base",
+                       description="Fine-tune a task ControlNet: a trainable copy of the base encoder with zero "
+                                   "convolutions; the base stays frozen. Same machinery as train (EMA, resume, DDP).")
+    p.add_argument("--base", default=None, help="base model directory or registry id (default: the bundled demo)")
+    p.add_argument("--task", required=True, choices=("superres", "lesion"), help="which ControlNet")
+    p.add_argument("--factor", type=int, nargs=3, default=(4, 1, 1), metavar=("FK", "FJ", "FI"),
+                   help="superres: thick-slice simulation factor per axis (k, j, i) (default 4 1 1)")
+    p.add_argument("--lesions", type=int, default=3, help="lesion: lesions per training phantom (default 3)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    _add_task_command(sub, "superres", "super-resolution with the super-resolution ControlNet", controlnet=True)
+    _add_task_command(sub, "lesion", "generate a lesion inside a mask with the lesion ControlNet", mask=True,
+                      controlnet=True)
+    _add_task_command(sub, "inpaint", "RePaint inpainting inside a mask (lesion or healthy tissue)", mask=True,
+                      controlnet=True)
 
     p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
     p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"))

@@ -24,7 +24,7 @@ from monai.data.utils import compute_importance_map
 from . import anatomy
 from .diffusion import NoiseSchedule, step
 from .networks import NULL_REGION, NoisePredictor
-from .tasks.base import Cancelled, Progress
+from .progress import Cancelled, Progress
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -47,7 +47,8 @@ class Case:
         groups: (D, H, W) int8 anatomy group map, or None when the case has no labels.
         region: region index (1..3), or 0 when unknown.
         control: (C, D, H, W) task condition for ControlNet training, or None.
-        target: optional (D, H, W) image the ControlNet must produce (default ``image``).
+        focus: optional (N, 3) voxel indices that crops should contain (e.g. lesion voxels), used
+            for half of the crops so that small structures are seen often enough.
         name: for logs.
     """
 
@@ -55,6 +56,7 @@ class Case:
     groups: Optional[torch.Tensor] = None
     region: int = NULL_REGION
     control: Optional[torch.Tensor] = None
+    focus: Optional[torch.Tensor] = None
     name: str = ""
 
 
@@ -133,6 +135,12 @@ def draw_sample(case: Case, window: int, gen: torch.Generator, level: int) -> di
         want = 2 * window if level == 1 else window
         sizes = tuple(min(want, s) for s in shape)
         starts = tuple(int(torch.randint(0, s - n + 1, (1,), generator=gen)) for s, n in zip(shape, sizes))
+        if case.focus is not None and len(case.focus) and float(torch.rand((), generator=gen)) < 0.5:
+            # centre the crop (give or take a quarter window) on a random focus voxel
+            f = case.focus[int(torch.randint(0, len(case.focus), (1,), generator=gen))]
+            jitter = [int(torch.randint(-n // 4, n // 4 + 1, (1,), generator=gen)) for n in sizes]
+            starts = tuple(int(min(max(int(c) - n // 2 + j, 0), s - n))
+                           for c, n, s, j in zip(f, sizes, shape, jitter))
     parts = {"x0": _crop(image, starts, sizes), "anatomy": _crop(anat, starts, sizes),
              "control": _crop(case.control, starts, sizes)}
     axes = []
@@ -355,8 +363,9 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=opt.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t0 = time.monotonic()
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / "log.jsonl", "a") if self.dist.main else None
-        self.out.mkdir(parents=True, exist_ok=True) if self.dist.main else None
         try:
             self.model.train()
             while self.step < opt.steps:

@@ -443,7 +443,7 @@ def _model_id_for(model_dir: Path, staging: Path, source: Path) -> str:
     if model_dir != staging:
         candidates.append(model_dir.name)
     stem = source.name[:-4] if source.name.lower().endswith(".zip") else source.name
-    candidates.append(stem)
+    candidates.append(re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._"))
     for c in candidates:
         if isinstance(c, str) and _ID.match(c):
             return c

@@ -33,12 +33,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def resolve_model_dir(model: Optional[str | os.PathLike], kind: str = "base", task: Optional[str] = None) -> Path:
     """A model directory from a path or a registry id (None = the default for ``kind``/``task``)."""
-    if model is not None and Path(model).is_dir():
-        return Path(model)
     from .. import weights
 
-    return Path(weights.resolve_model(model, kind=kind, task=task)) if model is None else Path(
-        weights.resolve_model(model))
+    return Path(weights.resolve_model(model, kind=kind, task=task))
 
 
 _CACHE: dict[tuple, NoisePredictor] = {}
@@ -145,3 +142,30 @@ def region_index(region: str) -> int:
 
 def require_image(request: TaskRequest) -> Volume:
     return check_image(request.image)
+
+
+def box_around(mask: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice, slice]:
+    """A box around the mask's voxels, grown by ``margin`` and to at least ``min_size`` per axis
+    (clipped to the volume): local tasks sample only there."""
+    idx = np.nonzero(mask)
+    box = []
+    for a, n in enumerate(mask.shape):
+        lo, hi = int(idx[a].min()) - margin, int(idx[a].max()) + 1 + margin
+        if hi - lo < min_size:
+            grow = min_size - (hi - lo)
+            lo, hi = lo - grow // 2, hi + grow - grow // 2
+        lo, hi = max(0, lo), min(n, hi)
+        if hi - lo < min(min_size, n):  # hit a border: extend on the other side
+            lo, hi = (0, min(n, min_size)) if lo == 0 else (max(0, n - min_size), n)
+        box.append(slice(lo, hi))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def coord_range(box: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[float, float]]:
+    """Normalised whole-volume coordinates of a box's first and last voxel, per axis: a crop
+    keeps telling the network where it sits in the whole volume."""
+    out = []
+    for sl, n in zip(box, shape):
+        c = (lambda i: -1.0 + 2.0 * i / (n - 1)) if n > 1 else (lambda i: 0.0)
+        out.append((c(sl.start), c(sl.stop - 1)))
+    return out
