@@ -361,6 +361,13 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, model=args.model, device=args.device, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
 # ----------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiff-fm", description=__doc__.split("\n\n")[0])
@@ -402,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                       controlnet=True)
     _add_task_command(sub, "inpaint", "RePaint inpainting inside a mask (lesion or healthy tissue)", mask=True,
                       controlnet=True)
+
+    p = sub.add_parser("demo", help="denoising, anomaly detection and super-resolution on a held-out phantom",
+                       description="Runs three tasks with the bundled demo weights on held-out phantoms and writes "
+                                   "NIfTI outputs and PNG previews.")
+    p.add_argument("--output", default="demo_output", help="output folder (default demo_output)")
+    p.add_argument("--seed", type=int, default=100_001, help="phantom seed (held out from training)")
+    _add_common_run_args(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
     p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"))

@@ -265,8 +265,15 @@ class _LogHandler(logging.Handler):
             pass
 
 
+def is_final_out_of_memory(exc: BaseException) -> bool:
+    """The library's own ``OutOfMemory``: it already retried down to batch size 1."""
+    return any(t.__name__ == "OutOfMemory" for t in type(exc).__mro__)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA (or other accelerator) out-of-memory error, without importing torch."""
+    if is_final_out_of_memory(exc):
+        return True
     torch = sys.modules.get("torch")
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
     if oom_type is not None and isinstance(exc, oom_type):
@@ -324,7 +331,8 @@ class _CancelFlag:
 def _watch_stdin(flag: _CancelFlag) -> None:
     """Exit when the parent process dies (its end of our stdin closes)."""
     try:
-        while sys.stdin.buffer.read(1024):
+        fd = sys.stdin.fileno()
+        while os.read(fd, 1024):  # raw reads: no buffered-stream lock held at interpreter exit
             pass
     except Exception:
         pass
@@ -398,8 +406,13 @@ def _run(request_dir: Path, runner_spec: Optional[str], watch_stdin: bool) -> in
                 _emit(ERROR_PREFIX, {"kind": "cancelled", "message": "cancelled"})
                 return EXIT_CANCELLED
             if is_out_of_memory(e):
+                final = is_final_out_of_memory(e)
+                detail = str(e)
                 del e
                 _free_accelerator_memory()
+                if final:
+                    _emit(ERROR_PREFIX, {"kind": "out_of_memory", "message": f"{OOM_MESSAGE} ({detail})"})
+                    return EXIT_OUT_OF_MEMORY
                 if batch is not None and int(batch) > 1:
                     batch = max(1, int(batch) // 2)
                     log(f"out of GPU memory; retrying with batch size {batch}")
@@ -469,7 +482,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    return _run(Path(args.request), args.task_runner, args.watch_stdin)
+    try:
+        return _run(Path(args.request), args.task_runner, args.watch_stdin)
+    finally:
+        root.removeHandler(handler)
 
 
 # ---------------------------------------------------------------------------------------------

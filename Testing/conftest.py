@@ -44,17 +44,45 @@ def oblique_ijk_to_ras() -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- models
+def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
+    """Give MONAI's zero-initialised convolutions (the output convolution, the second convolution
+    of every residual block) PyTorch's default random init, in place.
+
+    A freshly built MONAI diffusion U-Net predicts exactly zero everywhere; tests of the sampler
+    need a network whose output depends on its inputs. ControlNet zero convolutions are left
+    alone (this is applied to foundation networks only).
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv3d) and not m.weight.any():
+                m.reset_parameters()
+    return module
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A model directory with the ``tiny`` preset, seeded random weights (read-only)."""
-    from MedDiffFMLib.checkpoint import save_model
+def make_tiny_model():
+    """Factory: ``make_tiny_model(seed=0, **config_overrides)`` -> a :class:`FoundationUNet` of the
+    ``tiny`` preset with seeded, non-degenerate random weights, in eval mode."""
     from MedDiffFMLib.networks import FoundationUNet, preset
 
-    cfg = preset("tiny")
-    with torch.random.fork_rng():
-        torch.manual_seed(TINY_MODEL_SEED)
-        model = FoundationUNet(cfg)
-    return save_model(tmp_path_factory.mktemp("tiny_model") / "model", cfg, model.state_dict())
+    def make(seed: int = 0, **overrides):
+        cfg = preset("tiny", **overrides)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = randomize_zero_init(FoundationUNet(cfg))
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, make_tiny_model) -> Path:
+    """A model directory (``config.json`` + ``model.safetensors``) with the ``tiny`` preset and
+    seeded random weights. Read-only: copy it before modifying anything in it."""
+    from MedDiffFMLib.checkpoint import save_model
+
+    model = make_tiny_model(TINY_MODEL_SEED)
+    return save_model(tmp_path_factory.mktemp("tiny_model") / "model", model.cfg, model.state_dict())
 
 
 @pytest.fixture

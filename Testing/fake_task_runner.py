@@ -39,6 +39,7 @@ def run_task(task, request: TaskRequest, model=None, *, controlnet=None, device=
         raise ValueError(f"unknown parameter(s) {unknown} for task {task!r}")
     p = {k: request.params.get(k, spec.default) for k, spec in TASK_PARAMS[task].items()}
     is_cancelled = as_cancel_flag(cancel)
+    print(f"worker pid {os.getpid()}", flush=True)
     print(f"fake run: task={task} model={model} controlnet={controlnet} device={device} "
           f"batch_size={p['batch_size']}", flush=True)
     if p["fake_fail"]:

@@ -112,31 +112,6 @@ def test_worker_runs_and_streams_progress(tmp_path):
     assert not any(tmp_path.iterdir()), "request folder left behind"
 
 
-def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):
-    c = client(tmp_path)
-    logs = []
-    c.start("denoise", TaskRequest(image=oblique(), params={"steps": 200, "fake_sleep": 0.2,
-                                                             "fake_spawn_child": True}), on_log=logs.append)
-    deadline = time.monotonic() + 60
-    while c.poll() and c.last_progress is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert c.last_progress is not None, list(c.log_lines)
-    child = int(next(re.search(r"child pid (\d+)", line).group(1) for line in logs if "child pid" in line))
-    worker_pid = c.proc.pid
-    assert alive(child)
-    c.cancel()
-    assert not c.running
-    assert not alive(worker_pid)
-    for _ in range(50):  # the grandchild is killed with its process group
-        if not alive(child):
-            break
-        time.sleep(0.05)
-    assert not alive(child)
-    assert not any(tmp_path.iterdir()), "request folder left behind"
-    with pytest.raises(Cancelled):
-        c.result()
-
-
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 def test_killed_worker_leaves_no_output(tmp_path):
     c = client(tmp_path, keep_files=True)
@@ -155,40 +130,63 @@ def test_killed_worker_leaves_no_output(tmp_path):
     assert not request_dir.exists()
 
 
-def test_out_of_memory_halves_batch_then_succeeds_and_params_are_filtered(tmp_path):
-    logs = []
-    c = client(tmp_path)
-    c.start("denoise", TaskRequest(image=oblique(), params={"batch_size": 8, "fake_oom_above_batch": 2,
-                                                             "not_a_denoise_param": 3}),
-            filter_params=True, on_log=logs.append)
-    res = c.result(timeout=60)
-    assert "denoised" in res.volumes
-    text = "\n".join(logs)
-    assert "retrying with batch size 4" in text and "retrying with batch size 2" in text
-    assert "batch_size=2" in text and "not_a_denoise_param" in text
+def run_in_process(tmp_path, capsys, params, filter_params=False):
+    """The worker's main() in this process (fast: no interpreter start); its exit code and lines."""
+    worker.write_request(tmp_path, "denoise", TaskRequest(image=oblique(), params=params),
+                         filter_params=filter_params)
+    rc = worker.main(["--request", str(tmp_path), "--task-runner", RUNNER])
+    return rc, capsys.readouterr().out
 
 
-def test_out_of_memory_at_batch_one_exits_with_its_own_code(tmp_path):
+def test_out_of_memory_halves_batch_then_succeeds_and_params_are_filtered(tmp_path, capsys):
+    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 8, "fake_oom_above_batch": 2,
+                                                "not_a_denoise_param": 3}, filter_params=True)
+    assert rc == worker.EXIT_OK, out
+    assert "retrying with batch size 4" in out and "retrying with batch size 2" in out
+    assert "batch_size=2" in out and "not_a_denoise_param" in out
+    assert "MEDDIFFFM_DONE" in out and (tmp_path / "out" / "result.json").is_file()
+
+
+def test_out_of_memory_at_batch_one_exits_with_its_own_code(tmp_path, capsys):
+    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 2, "fake_oom_above_batch": 0})
+    assert rc == worker.EXIT_OUT_OF_MEMORY
+    kind, err = worker._parse_line(next(line for line in out.splitlines() if line.startswith("MEDDIFFFM_ERROR")))
+    assert err["kind"] == "out_of_memory" and "CPU" in err["message"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_library_out_of_memory_is_final(tmp_path, capsys, monkeypatch):
+    """run_task already retried down to batch 1 and raised its OutOfMemory: no second retry loop."""
+    import fake_task_runner
+
+    class OutOfMemory(RuntimeError):
+        pass
+
+    calls = []
+
+    def runner(*a, **k):
+        calls.append(1)
+        raise OutOfMemory("the GPU ran out of memory even with one window at a time")
+
+    monkeypatch.setattr(fake_task_runner, "run_task", runner)
+    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 8})
+    assert rc == worker.EXIT_OUT_OF_MEMORY and len(calls) == 1 and "one window at a time" in out
+
+
+def test_task_errors_are_reported_in_words(tmp_path, capsys):
+    rc, out = run_in_process(tmp_path, capsys, {"fake_fail": "the mask is empty"})
+    assert rc == worker.EXIT_FAILED and "the mask is empty" in out and not (tmp_path / "out").exists()
+    rc, out = run_in_process(tmp_path, capsys, {"bogus": 1})  # unknown parameters are refused
+    assert rc == worker.EXIT_FAILED and "bogus" in out
+
+
+def test_client_maps_exit_codes_to_exceptions(tmp_path):
     c = client(tmp_path)
     c.start("denoise", TaskRequest(image=oblique(), params={"batch_size": 2, "fake_oom_above_batch": 0}))
     with pytest.raises(WorkerOutOfMemory) as info:
         c.result(timeout=60)
-    assert info.value.returncode == worker.EXIT_OUT_OF_MEMORY
-    assert "CPU" in info.value.message
+    assert info.value.returncode == worker.EXIT_OUT_OF_MEMORY and "CPU" in info.value.message
     assert not any(tmp_path.iterdir())
-
-
-def test_task_error_is_reported_in_words(tmp_path):
-    c = client(tmp_path)
-    c.start("denoise", TaskRequest(image=oblique(), params={"fake_fail": "the mask is empty"}))
-    with pytest.raises(WorkerError, match="the mask is empty") as info:
-        c.result(timeout=60)
-    assert info.value.returncode == worker.EXIT_FAILED
-    # without filtering, unknown parameters are refused by the task
-    c = client(tmp_path)
-    c.start("denoise", TaskRequest(image=oblique(), params={"bogus": 1}))
-    with pytest.raises(WorkerError, match="bogus"):
-        c.result(timeout=60)
 
 
 def test_bad_request_exit_code(tmp_path):
@@ -196,18 +194,30 @@ def test_bad_request_exit_code(tmp_path):
     assert worker.main(["--request", str(tmp_path)]) == worker.EXIT_BAD_REQUEST
 
 
-def test_run_in_worker_blocking_with_cancel_flag(tmp_path):
+def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):
+    """Blocking API with a cancel flag; the worker and the process it started both die."""
     import threading
 
     ev = threading.Event()
-    seen = []
+    seen, logs = [], []
 
     def on_progress(p):
         seen.append(p)
-        ev.set()  # cancel at the first progress report
+        if any("child pid" in line for line in logs):
+            ev.set()  # cancel once the grandchild is running
 
     with pytest.raises(Cancelled):
-        worker.run_in_worker("denoise", TaskRequest(image=oblique(), params={"steps": 200, "fake_sleep": 0.2}),
-                             progress=on_progress, cancel=ev, pythonpath=[str(ROOT), str(TESTING)],
-                             work_root=tmp_path, task_runner=RUNNER)
-    assert seen and not any(tmp_path.iterdir())
+        worker.run_in_worker("denoise", TaskRequest(image=oblique(), params={"steps": 200, "fake_sleep": 0.2,
+                                                                              "fake_spawn_child": True}),
+                             progress=on_progress, cancel=ev, log_callback=logs.append,
+                             pythonpath=[str(ROOT), str(TESTING)], work_root=tmp_path, task_runner=RUNNER)
+    assert seen
+    pids = [int(re.search(r"(?:child pid|worker pid) (\d+)", line).group(1))
+            for line in logs if re.search(r"(?:child pid|worker pid) \d+", line)]
+    assert len(pids) == 2, logs
+    for _ in range(100):
+        if not any(alive(pid) for pid in pids):
+            break
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+    assert not any(tmp_path.iterdir()), "request folder left behind"

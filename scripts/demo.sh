@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Runs denoising, anomaly detection and super-resolution with the bundled demo weights on a
+# held-out phantom; writes NIfTI outputs and PNG previews to demo_output/.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" ""
+exec meddiff-fm demo --output demo_output "$@"
