@@ -361,6 +361,51 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Copy a trained model into a shippable directory (optionally fp16) and register it."""
+    from safetensors.torch import load_file
+
+    from . import weights
+    from .checkpoint import read_config, save_model, sha256_file
+    from .networks import ControlNetConfig, ModelConfig
+
+    src = Path(args.model)
+    cfg = read_config(src)
+    meta = cfg.get("meta", {})
+    if cfg["kind"] == "base":
+        config = ModelConfig.from_dict({k: v for k, v in cfg.items() if k not in ("kind", "format", "meta")})
+    else:
+        config = ControlNetConfig.from_dict(cfg)
+    tensors = load_file(str(src / "model.safetensors"))
+    import torch
+
+    dest = Path(args.to)
+    save_model(dest, config, tensors, dtype=torch.float16 if args.fp16 else None, extra=meta)
+    digest = sha256_file(dest / "model.safetensors")
+    size = (dest / "model.safetensors").stat().st_size
+    print(f"export: {dest} ({size / 1e6:.1f} MB, sha256 {digest})")
+    if args.register:
+        reg = weights.registry_path()
+        data = json.loads(reg.read_text()) if reg.is_file() else {"format_version": 1, "default": None, "models": []}
+        try:
+            rel = dest.resolve().relative_to(weights.resources_dir().resolve())
+        except ValueError:
+            raise SystemExit(f"error: --register needs --to inside {weights.resources_dir()}") from None
+        entry = {"id": args.id, "version": args.version, "kind": cfg["kind"], "path": rel.as_posix(),
+                 "sha256": digest, "size": size, "min_gpu_memory_gb": args.min_gpu_memory_gb,
+                 "description": args.description}
+        if cfg["kind"] == "controlnet":
+            if not args.base_id:
+                raise SystemExit("error: registering a ControlNet needs --base-id")
+            entry.update(task=config.task, base=args.base_id)
+        data["models"] = [m for m in data.get("models", []) if m.get("id") != args.id] + [entry]
+        if cfg["kind"] == "base" and args.default:
+            data["default"] = args.id
+        reg.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"  registered {args.id} in {reg}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -409,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
                       controlnet=True)
     _add_task_command(sub, "inpaint", "RePaint inpainting inside a mask (lesion or healthy tissue)", mask=True,
                       controlnet=True)
+
+    p = sub.add_parser("export", help="copy a trained model into a shippable directory and register it",
+                       description="Write a model directory (optionally as fp16) and add it to Resources/models.json.")
+    p.add_argument("model", help="trained model directory (e.g. runs/base/model)")
+    p.add_argument("--to", required=True, help="destination model directory (e.g. Resources/models/<id>)")
+    p.add_argument("--fp16", action="store_true", help="store floating weights as float16 (half the size)")
+    p.add_argument("--register", action="store_true", help="add or replace the entry in Resources/models.json")
+    p.add_argument("--id", default=None, help="registry id (with --register)")
+    p.add_argument("--version", default="", help="registry version text")
+    p.add_argument("--base-id", default=None, help="for a ControlNet: the registry id of its base")
+    p.add_argument("--default", action="store_true", help="make this base model the default")
+    p.add_argument("--min-gpu-memory-gb", type=float, default=None, help="registry hint for users")
+    p.add_argument("--description", default="", help="registry description")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="denoising, anomaly detection and super-resolution on a held-out phantom",
                        description="Runs three tasks with the bundled demo weights on held-out phantoms and writes "

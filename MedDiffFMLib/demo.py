@@ -43,7 +43,7 @@ def write_preview(path: Path, panels: list[tuple[str, np.ndarray]], region: str,
             tile = (np.clip(sl / max(float(sl.max()), 1e-6), 0, 1) * 255).astype(np.uint8)
         else:
             tile = _window_u8(sl, region)
-        tiles.append(tile[::-1])  # anterior up for an RAS-ish axial slice
+        tiles.append(tile)
     h = max(t.shape[0] for t in tiles)
     tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4))) for t in tiles]
     img = np.concatenate(tiles, axis=1)

@@ -1,9 +1,10 @@
 """Whole-volume, patch-wise sampling.
 
 At every reverse step the noise is estimated on overlapping windows that cover the whole
-volume, the window estimates are blended with a Gaussian weight (so no seam shows at window
-borders), and then the *whole volume* takes one scheduler step. Each window knows where it
-sits through the normalised coordinates of its voxels within the whole volume.
+volume, the window estimates are blended with a tapered weight (:func:`blend_weight`, so no
+seam shows at window borders), and then the *whole volume* takes one scheduler step. Each
+window knows where it sits through the normalised coordinates of its voxels within the whole
+volume.
 
 Also here: the image-level path (the whole volume resized to one window) and multi-level
 synthesis (image level first, then native-resolution refinement).
@@ -19,7 +20,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map
 
 from . import anatomy
 from .diffusion import NoiseSchedule, step
@@ -115,6 +115,31 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [int(round(s)) for s in np.linspace(0, size - window, n)]
 
 
+def blend_weight(win: Sequence[int], slices: Sequence[tuple[slice, ...]]) -> torch.Tensor:
+    """Blending weight of one window of size ``win`` in the layout ``slices``.
+
+    Separable: per axis, 1 in the middle and a raised-cosine ramp (sin^2) over the overlap
+    with the neighbouring window, so that the ramps of neighbours sum to one and a voxel's
+    estimate passes smoothly from one window to the next across the *whole* overlap; the
+    outermost voxels of a window (where its padding errors are) weigh almost nothing wherever
+    a neighbour covers them. Strictly positive everywhere, and separable so that the weights
+    of the other axes cancel in the normalisation (a truncated 3-D Gaussian does not: its
+    floor value makes the blend a plain average near the volume's faces, which shows seams).
+    """
+    profiles = []
+    for axis, w in enumerate(win):
+        starts = sorted({sl[axis].start for sl in slices})
+        overlap = min((w - (b - a) for a, b in zip(starts, starts[1:])), default=0)
+        ramp = max(1, min(overlap, w // 2))
+        up = torch.sin(0.5 * math.pi * (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp) ** 2
+        p = torch.ones(w, dtype=torch.float64)
+        p[:ramp] = up
+        p[w - ramp:] = torch.minimum(p[w - ramp:], up.flip(0))
+        profiles.append(p)
+    weight = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    return weight.float()
+
+
 class PatchSampler:
     """Runs a :class:`NoisePredictor` over whole volumes, one blended estimate per step."""
 
@@ -134,10 +159,12 @@ class PatchSampler:
         """Window size, padded shape and window slices for a volume of ``shape`` (D, H, W).
 
         Axes shorter than a window get a window of their size rounded up to the U-Net's
-        multiple and are padded (edge values) to it; padding is cropped afterwards.
+        multiple (at least twice that multiple, so that the coarsest level has more than one
+        voxel for its group norms) and are padded (edge values) to it; padding is cropped
+        afterwards.
         """
         m = self.cfg.downsampling
-        win = tuple(min(self.window, math.ceil(s / m) * m) for s in shape)
+        win = tuple(min(self.window, max(2 * m, math.ceil(s / m) * m)) for s in shape)
         padded = tuple(max(s, w) for s, w in zip(shape, win))
         starts = [window_starts(p, w, self.options.overlap) for p, w in zip(padded, win)]
         slices = [
@@ -217,7 +244,7 @@ class PatchSampler:
         guidance = self.options.guidance_scale != 1.0
         single = len(slices) == 1
         if not single:
-            weight = compute_importance_map(win, mode="gaussian", sigma_scale=0.125, device="cpu").float()
+            weight = blend_weight(win, slices)
             acc = torch.zeros(padded)
             wsum = torch.zeros(padded)
         bs = self.options.batch_size

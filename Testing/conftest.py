@@ -7,6 +7,7 @@ read-only (copy before modifying).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,11 @@ import pytest
 import torch
 
 from MedDiffFMLib.geometry import make_ijk_to_ras
+
+# One intra-op thread unless OMP_NUM_THREADS says otherwise: the tiny networks gain nothing
+# from more, and on shared, busy cores extra threads spin and slow everything down.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 # ------------------------------------------------------------------------------- constants
 TINY_MODEL_SEED = 1234

@@ -50,6 +50,12 @@ def load_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: torc
     key = (stamp(model_dir), stamp(controlnet_dir), str(device))
     with _CACHE_LOCK:
         if key not in _CACHE:
+            from .. import weights
+
+            # header, no pickles, and the registry's sha256 when the directory is a registered model
+            weights.verify(model_dir)
+            if controlnet_dir is not None:
+                weights.verify(controlnet_dir)
             if len(_CACHE) >= 4:
                 _CACHE.pop(next(iter(_CACHE)))
             if controlnet_dir is None:
