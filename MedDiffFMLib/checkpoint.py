@@ -88,7 +88,7 @@ def save_model(directory: PathLike, config: Union[ModelConfig, ControlNetConfig]
         cfg["meta"] = extra
     with _atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "kind": cfg["kind"]})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return directory
 
 
@@ -102,7 +102,7 @@ def read_config(directory: PathLike) -> dict:
     if not (directory / "model.safetensors").is_file():
         raise CheckpointError(f"{directory} has no model.safetensors")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if cfg.get("format") != FORMAT:
@@ -181,14 +181,14 @@ def save_training_state(directory: PathLike, tensors: dict[str, torch.Tensor], s
     directory = Path(directory)
     with _atomic_dir(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
 def load_training_state(directory: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     directory = Path(directory)
     try:
         tensors = load_file(str(directory / "state.safetensors"))
-        state = json.loads((directory / "state.json").read_text())
+        state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     except (OSError, SafetensorError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot resume from {directory}: {e}") from e
     return tensors, state

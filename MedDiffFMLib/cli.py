@@ -90,7 +90,7 @@ def _write_outputs(result, main_name: str, output: Path, label_names=None) -> li
     written = []
     items = [(k, v, False) for k, v in result.volumes.items()] + [(k, v, True) for k, v in result.segmentations.items()]
     for name, vol, is_seg in items:
-        path = output if name == main_name else output.with_name(f"{base}_{name}{ext}")
+        path = output if (name == main_name and not is_seg) else output.with_name(f"{base}_{name}{ext}")
         if is_seg:
             from .volume import Volume
             vol = Volume(vol.array.astype("uint8"), vol.ijk_to_ras)
@@ -120,9 +120,10 @@ def _run_task_command(args, task: str) -> int:
     if args.output:
         output = Path(args.output)
     else:
-        src = Path(args.input or args.anatomy or args.reference or f"{task}.nii.gz")
-        output = (src.parent if (args.input or args.anatomy or args.reference) else Path.cwd()) / \
-            f"{_stem(src)}_{task}.nii.gz"
+        given = (getattr(args, "input", None) or getattr(args, "anatomy", None)
+                 or getattr(args, "reference", None))
+        src = Path(given or f"{task}.nii.gz")
+        output = (src.parent if given else Path.cwd()) / f"{_stem(src)}_{task}.nii.gz"
     _ext(output)
     bar, update = (None, None) if args.quiet else _progress_bar(task)
     t0 = time.monotonic()
@@ -321,7 +322,7 @@ def _lesion_manifest(manifest, cfg, region):
     if not path.is_file():
         raise SystemExit("error: --data for lesion fine-tuning must be a JSON manifest with 'image' and 'mask'")
     cases = []
-    for e in json.loads(path.read_text()):
+    for e in json.loads(path.read_text(encoding="utf-8")):
         if "image" not in e or "mask" not in e:
             raise SystemExit(f"error: manifest entry needs 'image' and 'mask': {e}")
         img = io.read_volume(path.parent / e["image"])
@@ -386,7 +387,7 @@ def cmd_export(args) -> int:
     print(f"export: {dest} ({size / 1e6:.1f} MB, sha256 {digest})")
     if args.register:
         reg = weights.registry_path()
-        data = json.loads(reg.read_text()) if reg.is_file() else {"format_version": 1, "default": None, "models": []}
+        data = json.loads(reg.read_text(encoding="utf-8")) if reg.is_file() else {"format_version": 1, "default": None, "models": []}
         try:
             rel = dest.resolve().relative_to(weights.resources_dir().resolve())
         except ValueError:
@@ -401,7 +402,7 @@ def cmd_export(args) -> int:
         data["models"] = [m for m in data.get("models", []) if m.get("id") != args.id] + [entry]
         if cfg["kind"] == "base" and args.default:
             data["default"] = args.id
-        reg.write_text(json.dumps(data, indent=2) + "\n")
+        reg.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"  registered {args.id} in {reg}")
     return 0
 
@@ -410,6 +411,28 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.output, model=args.model, device=args.device, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from . import benchmark as bm
+
+    opts = bm.BenchmarkOptions(cases=args.cases, seed_start=args.seed_start, tasks=args.tasks, fov_mm=args.fov,
+                               noise_levels_hu=args.noise_levels, steps=bm.parse_steps(args.steps),
+                               device=args.device, bm4d=not args.no_bm4d, nlm=not args.no_nlm,
+                               progress=not args.quiet)
+    try:
+        result = bm.run_benchmark(args.model, superres_controlnet=args.superres_controlnet,
+                                  lesion_controlnet=args.lesion_controlnet, options=opts)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing written", file=sys.stderr)
+        return 130
+    written = [bm.write_json(result, args.output)]
+    if args.markdown:
+        Path(args.markdown).write_text(bm.format_markdown(result), encoding="utf-8")
+        written.append(Path(args.markdown))
+    print(bm.format_table(result))
+    print("\n" + "\n".join(f"wrote {w}" for w in written))
     return 0
 
 
@@ -476,6 +499,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=100_001, help="phantom seed (held out from training)")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="measure every task on held-out phantoms against classical baselines",
+                       description="Denoising, anomaly detection, synthesis, super-resolution, inpainting and lesion "
+                                   "generation on held-out phantoms (seeds >= 100000; training uses < 10000) at the "
+                                   "model's spacing, next to simple baselines. Prints the table (mean +- std over "
+                                   "cases), writes JSON and optionally Markdown. Progress goes to stderr.")
+    p.add_argument("--model", default=None, help="foundation model directory or registry id (default: the registry's)")
+    p.add_argument("--superres-controlnet", default=None, help="superres ControlNet (default: the registered one; "
+                   "rows skipped when none)")
+    p.add_argument("--lesion-controlnet", default=None, help="lesion ControlNet for inpainting and lesion generation "
+                   "(default: the registered one; rows skipped when none)")
+    p.add_argument("--cases", type=int, default=3, help="phantoms per task, regions cycling (default 3)")
+    p.add_argument("--seed-start", type=int, default=100_000, help="first phantom seed (default 100000)")
+    p.add_argument("--steps", nargs="+", default=None, metavar="N|TASK=N",
+                   help="reverse steps: one number for every task, or per task (denoise=10 anomaly=20 ...); "
+                        "default: each task's own")
+    p.add_argument("--tasks", default=",".join(("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")),
+                   help="comma-separated sections (default: all six)")
+    p.add_argument("--fov", type=float, nargs=3, default=(192.0, 256.0, 256.0), metavar=("K_MM", "J_MM", "I_MM"),
+                   help="phantom field of view in mm (default 192 256 256, as in training)")
+    p.add_argument("--noise-levels", type=float, nargs="+", default=(25.0, 40.0), help="denoising noise, HU")
+    p.add_argument("--no-bm4d", action="store_true", help="skip BM4D even when the bm4d package is installed")
+    p.add_argument("--no-nlm", action="store_true", help="skip non-local means")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("-o", "--output", default="benchmark_results.json", help="JSON results (default "
+                   "benchmark_results.json)")
+    p.add_argument("--markdown", default=None, help="also write the table as Markdown here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
     p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"))

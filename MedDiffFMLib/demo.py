@@ -146,7 +146,7 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
         write_preview(out / "superres.png", [("input", up), ("output", sr.array), ("difference", sr.array - cubic)],
                       region, kk)
     bar.close()
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
     print(f"\nMedDiffFM demo on held-out phantoms (seed {seed}), model {base_dir}")
     print("These are demonstration weights trained on synthetic phantoms: not for clinical use.")
     for name, text, secs in rows:

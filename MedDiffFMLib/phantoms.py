@@ -444,9 +444,6 @@ class _Canvas:
         inner = np.maximum(np.asarray(radii, float) - wall, 1e-3)
         self.tube(points, inner, label, lumen_tissue, over=(label,), extra=extra)
 
-    def full(self):
-        return (slice(None),) * 3
-
 
 def _smoothstep(x):
     x = np.clip(x, 0.0, 1.0)
@@ -620,7 +617,6 @@ def _build_trunk(cv: _Canvas, p: dict, fields: _Fields):
     tis2[depth_c > rim] = T_FAT  # visceral / mediastinal fat by default
     cv.labels[:] = lab2[None]
     cv.tissue[:] = tis2[None]
-    inner2 = depth_c > rim  # inside the muscle rim: room for organs
 
     # -- landmarks --------------------------------------------------------------------------
     pT, pL, pC = p["pT"], p["pL"], p["pC"]
@@ -633,12 +629,12 @@ def _build_trunk(cv: _Canvas, p: dict, fields: _Fields):
         dome = t_dR + (t_dL - t_dR) * _smoothstep((U + 0.15) / 0.3)
         return dome - 0.9 * (np.abs(U) - 0.42) ** 2 - 1.0 * np.maximum(V + 0.1, 0) ** 2
 
-    def below_diaph(U, V, T):
-        return inner2_box(U, V) & (T < t_diaph(U, V) - 0.025)
-
-    def inner2_box(U, V):
+    def inside_rim(U, V):  # room for organs: deeper than the muscle rim
         rho = np.maximum(_superellipse_rho(U, V, 1.0, bc, bc), 1e-6)
         return np.hypot(U, V) * (1 / rho - 1) > rim
+
+    def below_diaph(U, V, T):
+        return inside_rim(U, V) & (T < t_diaph(U, V) - 0.025)
 
     # -- spine --------------------------------------------------------------------------------
     t_T1 = 11.5 * pT
@@ -659,7 +655,7 @@ def _build_trunk(cv: _Canvas, p: dict, fields: _Fields):
         if kind == "C":
             a, b, cr, sp, tp = 0.1, 0.08, 0.075, 0.18, 0.2
         elif kind == "T":
-            frac = (tc - 0) / (12 * pT)
+            frac = tc / (12 * pT)  # 0 at T12 .. 1 at T1: thoracic bodies shrink upwards
             a, b, cr, sp, tp = 0.15 - 0.04 * frac, 0.125 - 0.03 * frac, 0.06, 0.26, 0.25
         else:
             a, b, cr, sp, tp = 0.18, 0.125, 0.075, 0.24, 0.33
@@ -857,8 +853,9 @@ def _build_trunk(cv: _Canvas, p: dict, fields: _Fields):
     _paint_lungs(cv, p, rho_c, t_diaph, hc, hsemi, ha, v_vb, t_car, t_T1)
 
 
-def _cage_geometry(p, bc):
-    """Cage inset (posterolateral, for the scapular muscles) and apex narrowing."""
+def _cage_geometry():
+    """Cage narrowing towards the thoracic inlet, and the posterolateral inset that leaves
+    room for the scapulae and their muscles (both in trunk units)."""
 
     def g_top(T):  # the thoracic cage narrows towards the inlet
         return 1.0 - 0.42 * np.clip((T - 1.7) / 0.75, 0, 1) ** 2
@@ -874,7 +871,7 @@ def _cage_geometry(p, bc):
 def _paint_cage(cv: _Canvas, p, rho_c, depth_c, t_T1, v_vb):
     bc = p["bc"]
     pT = p["pT"]
-    g_top, inset = _cage_geometry(p, bc)
+    g_top, inset = _cage_geometry()
     nk = cv.shape[0]
     T = cv.T1[:, None]
     # Candidate pixels: a band inside the cavity boundary.
@@ -957,7 +954,7 @@ def _paint_cage(cv: _Canvas, p, rho_c, depth_c, t_T1, v_vb):
 
 def _paint_lungs(cv: _Canvas, p, rho_c, t_diaph, hc, hsemi, ha, v_vb, t_car, t_T1):
     bc = p["bc"]
-    g_top, inset = _cage_geometry(p, bc)
+    g_top, inset = _cage_geometry()
     t_apex = t_T1 + 0.22
     t_lo = float(cv.T1.min())
     sl = cv.box(-1, 1, -bc, bc, max(t_lo, float(np.min(t_diaph(np.array([0.9]), np.array([0.8]))))), t_apex)
@@ -987,8 +984,7 @@ def _paint_lungs(cv: _Canvas, p, rho_c, t_diaph, hc, hsemi, ha, v_vb, t_car, t_T
     lung = pleura & ~med
     left = U > 0.02
     # Fissures: oblique (both sides, higher posteriorly) and horizontal (right).
-    t_obl = 0.95 + 0.8 * V + 0.05 * (T * 0)
-    upper = T > t_obl
+    upper = T > 0.95 + 0.8 * V
     t_hor = t_car - 0.35
     for mask, name in ((lung & left & upper, "lung_upper_lobe_left"), (lung & left & ~upper, "lung_lower_lobe_left"),
                        (lung & ~left & upper & (T > t_hor), "lung_upper_lobe_right"),
@@ -1159,7 +1155,6 @@ def _render(cv: _Canvas, p: dict, tex_fields: _Fields, hu_table: np.ndarray) -> 
     fine = tex_fields.new(max(0.035 * cv.unit, 1.3 * min_sp))
     hu += _TEXTURE[tissue, 1] * fine
     del fine
-    # Colon content: mottled stool (mix of gas and soft tissue).
     # Vessel trees: tubes where two band-limited fields are both near zero.
     vessel_tis = [T_LUNG, T_LIVER]
     present = np.isin(tissue, vessel_tis)
@@ -1171,8 +1166,8 @@ def _render(cv: _Canvas, p: dict, tex_fields: _Fields, hu_table: np.ndarray) -> 
         f2 = tex_fields.new(cell, sl)
         tis = tissue[sl]
         U, V, T = cv.coords(sl)
-        # Vessels are thicker and denser near the hila.
-        hil = np.minimum(np.hypot(np.abs(U) - 0.3, V + 0.02), 3.0)
+        # Vessels are thicker and denser near the hila (trunk frame, about carina level).
+        hil = np.minimum(np.sqrt((np.abs(U) - 0.3) ** 2 + (V + 0.02) ** 2 + ((T - 1.3) / 1.5) ** 2), 3.0)
         width = np.clip(0.27 - 0.1 * hil, 0.1, 0.27)
         tube = np.exp(-(f1 * f1 + f2 * f2) / (2 * width * width))
         sub = hu[sl]
@@ -1284,8 +1279,7 @@ def insert_lesions(target, n: int, seed: int, *, spacing_kji=None, organs: Seque
     if phantom is not None:
         hu, labels = phantom.clean_hu, phantom.labels
         spacing = phantom.spacing_kji if spacing_kji is None else _check_spacing(spacing_kji)
-        region = region or phantom.region
-        label_names = label_names or phantom.label_names
+        region = region or phantom.region  # phantom labels are TotalSegmentator indices
     else:
         try:
             hu, labels = target

@@ -365,7 +365,7 @@ class Trainer:
         t0 = time.monotonic()
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        log = open(self.out / "log.jsonl", "a") if self.dist.main else None
+        log = open(self.out / "log.jsonl", "a", encoding="utf-8") if self.dist.main else None
         try:
             self.model.train()
             while self.step < opt.steps:
@@ -478,7 +478,7 @@ def manifest_cases(manifest: str | os.PathLike, cfg: ModelConfig, default_region
             entries.append({"image": str(img), "labels": str(lab) if lab.exists() else None,
                             "region": default_region})
     elif path.is_file():
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         for e in raw:
             if "image" not in e:
                 raise ValueError(f"manifest entry without 'image': {e}")

@@ -310,7 +310,7 @@ def _task_params(runner: Callable) -> Optional[dict]:
 
 
 class _CancelFlag:
-    """True once ``DIR/cancel`` exists or the parent closed our stdin (checked at most 4x/s)."""
+    """True once ``DIR/cancel`` exists or the launching process died (file checked at most 4x/s)."""
 
     def __init__(self, request_dir: Path):
         self.path = request_dir / CANCEL_NAME
@@ -328,14 +328,34 @@ class _CancelFlag:
         return self.event.is_set()
 
 
-def _watch_stdin(flag: _CancelFlag) -> None:
-    """Exit when the parent process dies (its end of our stdin closes)."""
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return True
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
     try:
-        fd = sys.stdin.fileno()
-        while os.read(fd, 1024):  # raw reads: no buffered-stream lock held at interpreter exit
-            pass
-    except Exception:
-        pass
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(pid: int, flag: _CancelFlag, interval_s: float = 2.0) -> None:
+    """Exit when the launching application (``pid``) is gone: no orphaned GPU jobs."""
+    while _process_alive(pid):
+        time.sleep(interval_s)
     flag.event.set()
     time.sleep(5.0)  # give the task a moment to notice the flag, then go
     os._exit(EXIT_CANCELLED)
@@ -357,7 +377,7 @@ class _ProgressPrinter:
             _emit(PROGRESS_PREFIX, payload)
 
 
-def _run(request_dir: Path, runner_spec: Optional[str], watch_stdin: bool) -> int:
+def _run(request_dir: Path, runner_spec: Optional[str], parent_pid: Optional[int]) -> int:
     started = time.monotonic()
     try:
         task, request, options = read_request(request_dir)
@@ -365,8 +385,8 @@ def _run(request_dir: Path, runner_spec: Optional[str], watch_stdin: bool) -> in
         _emit(ERROR_PREFIX, {"kind": "bad_request", "message": str(e)})
         return EXIT_BAD_REQUEST
     flag = _CancelFlag(request_dir)
-    if watch_stdin:
-        threading.Thread(target=_watch_stdin, args=(flag,), daemon=True).start()
+    if parent_pid:
+        threading.Thread(target=_watch_parent, args=(parent_pid, flag), daemon=True).start()
     try:
         runner = load_task_runner(runner_spec)
     except Exception as e:
@@ -466,8 +486,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--request", help="request directory (request.json + inputs)")
     parser.add_argument("--task-runner", default=None,
                         help="test hook: 'module:function' used instead of MedDiffFMLib.tasks:run_task")
-    parser.add_argument("--watch-stdin", action="store_true",
-                        help="exit when stdin closes (the launching application died)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the launching application) is gone")
     parser.add_argument("--info", action="store_true", help="print torch / GPU facts as one JSON line and exit")
     parser.add_argument("--device", default="auto", help="with --info: the device to describe")
     args = parser.parse_args(argv)
@@ -483,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     try:
-        return _run(Path(args.request), args.task_runner, args.watch_stdin)
+        return _run(Path(args.request), args.task_runner, args.parent_pid)
     finally:
         root.removeHandler(handler)
 
@@ -601,7 +621,7 @@ class WorkerClient:
         if self.task_runner:
             cmd += ["--task-runner", self.task_runner]
         if self.watch_parent:
-            cmd.append("--watch-stdin")
+            cmd += ["--parent-pid", str(os.getpid())]
         return cmd
 
     def start(self, task: str, request: TaskRequest, *, model: Optional[os.PathLike | str] = None,
@@ -624,7 +644,7 @@ class WorkerClient:
                 kwargs["start_new_session"] = True
             self.proc = subprocess.Popen(
                 self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE if self.watch_parent else subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 env=self._environment(), cwd=str(self.request_dir), text=True, encoding="utf-8",
                 errors="replace", bufsize=1, **kwargs)
         except BaseException:
@@ -703,12 +723,11 @@ class WorkerClient:
             if self._reader is not None:
                 self._reader.join(timeout=10)
             self.poll()
-            for stream in (proc.stdin, proc.stdout):
-                try:
-                    if stream is not None:
-                        stream.close()
-                except OSError:
-                    pass
+            try:
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            except OSError:
+                pass
         self._remove_files()
 
     def _remove_files(self) -> None:
@@ -720,13 +739,11 @@ class WorkerClient:
         if self.running:
             self.cancel()
         else:
-            if self.proc is not None:
-                for stream in (self.proc.stdin, self.proc.stdout):
-                    try:
-                        if stream is not None:
-                            stream.close()
-                    except OSError:
-                        pass
+            if self.proc is not None and getattr(self.proc, "stdout", None) is not None:
+                try:
+                    self.proc.stdout.close()
+                except OSError:
+                    pass
             self._remove_files()
 
     def result(self, timeout: Optional[float] = None) -> TaskResult:

@@ -98,3 +98,82 @@ def tiny_predictor(tiny_model_dir):
     from MedDiffFMLib.networks import NoisePredictor
 
     return NoisePredictor(load_base(tiny_model_dir, "cpu")).eval()
+
+
+# ------------------------------------------------------------------------------- tasks
+TASK_SPACING_KJI = (2.0, 1.0, 1.2)
+TASK_ORIGIN_RAS = (12.5, -40.0, 7.25)
+
+
+def task_grid(spacing_kji=TASK_SPACING_KJI, origin_ras=TASK_ORIGIN_RAS, angle: float = 0.4) -> np.ndarray:
+    """An oblique ``ijk_to_ras`` (rotation by ``angle`` about the axis (2, -1, 1)) with the given
+    spacing (k, j, i) and a non-zero origin."""
+    return make_ijk_to_ras(spacing_kji, origin_ras, rotation_about_axis((2.0, -1.0, 1.0), angle))
+
+
+@pytest.fixture(scope="session")
+def task_phantom():
+    """A small noisy abdomen phantom, (k, j, i) = (8, 16, 14) voxels on an oblique, anisotropic
+    grid (:func:`task_grid`, spacing 2.0, 1.0, 1.2 mm): the tiny model (1 mm) has to resample it.
+    Read-only: copy its arrays before handing them to code that may modify them."""
+    from MedDiffFMLib.phantoms import make_phantom
+
+    return make_phantom("abdomen", shape_kji=(8, 16, 14), spacing_kji=TASK_SPACING_KJI, seed=11, noise_hu=15.0,
+                        ijk_to_ras=task_grid())
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_dirs(tmp_path_factory, tiny_model_dir) -> dict:
+    """ControlNet directories on ``tiny_model_dir``: ``{"superres": ..., "lesion": ...}``.
+
+    Built the way fine-tuning starts (``ControlNetConfig`` with the base's sha256,
+    ``TaskControlNet.init_from_base``; the superres one trained "for" factor (2, 1, 1)), then
+    the zero convolutions get seeded random weights so that the control condition changes the
+    output. Read-only: copy a directory before modifying anything in it.
+    """
+    from MedDiffFMLib.checkpoint import load_base, save_model, sha256_file
+    from MedDiffFMLib.networks import ControlNetConfig, TaskControlNet
+
+    base = load_base(tiny_model_dir, "cpu")
+    sha = sha256_file(tiny_model_dir / "model.safetensors")
+    root = tmp_path_factory.mktemp("tiny_controlnets")
+    dirs = {}
+    specs = (("superres", 1, {"factor": [2, 1, 1]}), ("lesion", 2, {}))
+    for n, (task, channels, params) in enumerate(specs):
+        cfg = ControlNetConfig(task, channels, base.cfg, base_sha256=sha, params=params)
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_MODEL_SEED + 1 + n)
+            cn = TaskControlNet(cfg)
+            cn.init_from_base(base)
+            with torch.no_grad():
+                for m in cn.modules():
+                    if isinstance(m, torch.nn.Conv3d) and not m.weight.any():
+                        m.reset_parameters()
+        dirs[task] = save_model(root / task, cfg, cn.state_dict())
+    return dirs
+
+
+@pytest.fixture
+def network_calls(monkeypatch) -> list:
+    """Counts foundation-network evaluations: the returned list gets the batch size of every call
+    (one call per batch of windows, whatever model or task runs)."""
+    from MedDiffFMLib.networks import FoundationUNet
+
+    calls: list = []
+    original = FoundationUNet.forward
+
+    def counting(self, x_t, *args, **kwargs):
+        calls.append(int(x_t.shape[0]))
+        return original(self, x_t, *args, **kwargs)
+
+    monkeypatch.setattr(FoundationUNet, "forward", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for the module's tests (the CPU is shared); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

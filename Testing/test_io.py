@@ -59,7 +59,7 @@ def test_labelmap_round_trip_with_sidecar(tmp_path, ext):
     path = tmp_path / f"seg{ext}"
     write_volume(path, Volume(lab, m), label_names=names)
     assert label_sidecar_path(path) == tmp_path / "seg.labels.json"
-    assert json.loads((tmp_path / "seg.labels.json").read_text()) == {"5": "liver", "255": "body"}
+    assert json.loads((tmp_path / "seg.labels.json").read_text(encoding="utf-8")) == {"5": "liver", "255": "body"}
     v, got = read_labelmap(path)
     assert np.issubdtype(v.array.dtype, np.integer) and v.array.dtype == np.uint8
     assert np.array_equal(v.array, lab)

@@ -357,3 +357,17 @@ def test_every_task_makes_its_primary_output(app, ct):
         assert nodes.PRIMARY_VOLUME[task] in out, task
         if task in nodes.PRIMARY_SEGMENTATION:
             assert nodes.PRIMARY_SEGMENTATION[task] + "_segmentation" in out
+
+
+def test_real_task_in_process_with_a_tiny_model(app, ct, tiny_model_dir):
+    """runner=None: the real MedDiffFMLib.tasks.run_task, in this process, on the tiny model."""
+    node, array, m, study = ct
+    mtime = node.GetImageData().GetMTime()
+    out = nodes.process(node, "denoise", params={"steps": 1, "seed": 0}, region="chest", model=tiny_model_dir,
+                        device="cpu")
+    denoised = out["denoised"]
+    assert np.array_equal(node_matrix(denoised), m)
+    assert node_array(denoised).shape == SHAPE and np.isfinite(node_array(denoised)).all()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(denoised)) == study
+    assert_untouched(node, array, m, mtime)

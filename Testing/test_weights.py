@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ def fake_safetensors(path: Path, payload: bytes = b"\x00" * 16) -> None:
 
 def make_model(d: Path, payload: bytes = b"\x01" * 16, **config) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"kind": "base", "format": "meddiff-fm/1", **config}))
+    (d / "config.json").write_text(json.dumps({"kind": "base", "format": "meddiff-fm/1", **config}), encoding="utf-8")
     fake_safetensors(d / "model.safetensors", payload)
     return d
 
@@ -41,7 +40,7 @@ def env(tmp_path, monkeypatch):
 
 
 def write_registry(res: Path, models: list[dict], default=None) -> None:
-    (res / "models.json").write_text(json.dumps({"format_version": 1, "default": default, "models": models}))
+    (res / "models.json").write_text(json.dumps({"format_version": 1, "default": default, "models": models}), encoding="utf-8")
 
 
 def test_cache_dir_default_and_env(monkeypatch, tmp_path):
@@ -220,7 +219,7 @@ def test_verify_reports_missing_files(tmp_path):
     d.mkdir()
     with pytest.raises(WeightsError, match="config.json"):
         weights.verify(d)
-    (d / "config.json").write_text("{}")
+    (d / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(WeightsError, match="model.safetensors"):
         weights.verify(d)
 
@@ -229,7 +228,7 @@ def test_weights_module_needs_only_the_standard_library():
     """Slicer imports it before torch is installed."""
     import ast
 
-    tree = ast.parse(Path(weights.__file__).read_text())
+    tree = ast.parse(Path(weights.__file__).read_text(encoding="utf-8"))
     mods = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not mods & {"torch", "numpy", "monai", "slicer", "qt", "vtk", "pickle"}, mods

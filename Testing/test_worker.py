@@ -180,17 +180,35 @@ def test_task_errors_are_reported_in_words(tmp_path, capsys):
     assert rc == worker.EXIT_FAILED and "bogus" in out
 
 
-def test_client_maps_exit_codes_to_exceptions(tmp_path):
+@pytest.mark.parametrize("rc, error, expected", [
+    (worker.EXIT_OUT_OF_MEMORY, {"kind": "out_of_memory", "message": worker.OOM_MESSAGE}, WorkerOutOfMemory),
+    (worker.EXIT_FAILED, {"kind": "failed", "message": "the mask is empty"}, WorkerError),
+    (worker.EXIT_CANCELLED, {"kind": "cancelled", "message": "cancelled"}, Cancelled),
+    (-9, None, WorkerError),
+])
+def test_client_maps_exit_codes_to_exceptions(tmp_path, rc, error, expected):
+    """What the worker printed and its exit code -> the exception result() raises (no process)."""
+    import types
+
     c = client(tmp_path)
-    c.start("denoise", TaskRequest(image=oblique(), params={"batch_size": 2, "fake_oom_above_batch": 0}))
-    with pytest.raises(WorkerOutOfMemory) as info:
-        c.result(timeout=60)
-    assert info.value.returncode == worker.EXIT_OUT_OF_MEMORY and "CPU" in info.value.message
-    assert not any(tmp_path.iterdir())
+    c.request_dir = tmp_path / "req"
+    c.request_dir.mkdir()
+    c.proc = types.SimpleNamespace(pid=0, stdin=None, stdout=None)
+    c._queue.put(("text", "Traceback (most recent call last):"))
+    if error is not None:
+        c._queue.put(("error", error))
+    c._queue.put(("exit", rc))
+    with pytest.raises(expected) as info:
+        c.result(timeout=5)
+    if expected is WorkerOutOfMemory:
+        assert info.value.returncode == rc and "CPU" in info.value.message
+    if error is None:
+        assert "Traceback" in str(info.value)
+    assert not c.request_dir.exists()
 
 
 def test_bad_request_exit_code(tmp_path):
-    (tmp_path / "request.json").write_text("{not json")
+    (tmp_path / "request.json").write_text("{not json", encoding="utf-8")
     assert worker.main(["--request", str(tmp_path)]) == worker.EXIT_BAD_REQUEST
 
 
@@ -221,3 +239,32 @@ def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):
         time.sleep(0.05)
     assert not any(alive(pid) for pid in pids)
     assert not any(tmp_path.iterdir()), "request folder left behind"
+
+
+def test_real_task_in_the_worker_with_a_tiny_model(tmp_path, tiny_model_dir):
+    """No test hook: the worker runs MedDiffFMLib.tasks.run_task on the tiny model."""
+    img = oblique((6, 10, 12))
+    img.array[:] = np.clip(img.array, -200, 200)
+    progress = []
+    c = WorkerClient(pythonpath=[str(ROOT)], work_root=tmp_path)
+    c.start("denoise", TaskRequest(image=img, region="chest", params={"steps": 1, "seed": 0}),
+            model=tiny_model_dir, device="cpu", on_progress=progress.append)
+    res = c.result(timeout=120)
+    out = res.volumes["denoised"]
+    assert out.array.shape == img.shape and np.array_equal(out.ijk_to_ras, img.ijk_to_ras)
+    assert np.isfinite(out.array).all()
+    assert progress and not any(tmp_path.iterdir())
+
+
+def test_parent_watch_and_info_protocol():
+    import subprocess
+
+    assert worker._process_alive(os.getpid())
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert not worker._process_alive(p.pid)
+    # the Slicer module parses the --info line itself (it does not import the worker)
+    module = (ROOT / "MedDiffFM" / "MedDiffFM.py").read_text(encoding="utf-8")
+    assert f'"{worker.INFO_PREFIX} "' in module and '"--info"' in module
+    kind, payload = worker._parse_line(worker.INFO_PREFIX + ' {"torch": "2.3.0", "device": "cpu"}')
+    assert kind == "info" and payload["torch"] == "2.3.0"

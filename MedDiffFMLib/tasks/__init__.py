@@ -14,11 +14,11 @@ import os
 from typing import Optional
 
 import numpy as np
-import torch
 
+# torch is imported where it is needed, so that the Slicer module and the worker can read
+# task parameters (and start) without paying for torch and MONAI.
 from .base import (TASKS, Cancelled, ParamSpec, Progress, TaskRequest, TaskResult, as_cancel_flag,
                    check_params)
-from .common import load_predictor, resolve_device, resolve_model_dir
 
 __all__ = ["TASKS", "TASK_PARAMS", "run_task", "TaskRequest", "TaskResult", "Progress", "Cancelled", "ParamSpec"]
 
@@ -87,6 +87,10 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
         Cancelled: when cancelled; nothing is returned or written.
         ValueError: bad input, with a message for the user.
     """
+    import torch
+
+    from .common import load_predictor, resolve_device, resolve_model_dir
+
     mod = _module(task)
     params = check_params(task, request.params, mod.PARAMS)
     dev = resolve_device(device)
@@ -94,6 +98,9 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
     cn_task = _MODULES[task][1]
     cn_dir = resolve_model_dir(controlnet, kind="controlnet", task=cn_task) if cn_task else None
     predictor = load_predictor(model_dir, cn_dir, dev)
+    if cn_task is not None and predictor.controlnet.cfg.task != cn_task:
+        raise ValueError(f"the ControlNet in {cn_dir} was trained for {predictor.controlnet.cfg.task!r}; "
+                         f"task {task!r} needs a {cn_task!r} ControlNet")
     cancel_flag = as_cancel_flag(cancel)
     guard = _InputGuard(request)
     batch = int(params.get("batch_size", 4))

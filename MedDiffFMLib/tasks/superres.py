@@ -5,7 +5,8 @@ the first voxel corner fixed (geometry.regrid: Slicer's origin is a voxel centre
 origin moves by half the spacing change). The condition is the input interpolated onto the
 model grid; sampling starts from that interpolation noised to ``noise_fraction`` of T. With
 ``consistency`` on (and integer factors on a model-aligned grid), a final back-projection
-makes the block averages of the output equal the input exactly (in model units).
+makes the block averages of the output equal the input wherever the input lies inside the
+intensity window (exactly in model units, to float32 rounding in HU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import preprocessing
-from ..finetune import thick_slices, upsample_blocks
+from ..finetune import upsample_blocks
 from ..geometry import regrid
 from ..sampling import Condition
 from ..volume import Volume
@@ -68,22 +69,22 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
     t_start = int(round(params["noise_fraction"] * (T - 1)))
     x = sampler.sample(model_shape, cond, x_init=control, t_start=t_start, progress=progress, cancel=cancel,
                        stage="super-resolution")
-    if params["consistency"] and aligned:
-        n = [s // f for s, f in zip(model_shape, fi)]
-        lr = lr_unit[: n[0], : n[1], : n[2]]
-        residual = lr - thick_slices(x, fi)
-        # spread each block's residual evenly over its voxels: block means then equal the input
-        up = residual.repeat_interleave(fi[0], 0).repeat_interleave(fi[1], 1).repeat_interleave(fi[2], 2)
-        x = x.clone()
-        x[: up.shape[0], : up.shape[1], : up.shape[2]] += up
+    consistent = bool(params["consistency"]) and aligned
+    if consistent:
+        x = project_block_means(x, lr_unit, fi)
     hu = preprocessing.unit_to_hu(x.numpy(), region).astype(np.float32)
     # The window clips HU outside it (bone, air in a soft-tissue window): there the model has
-    # nothing to add, so those voxels take the plain interpolation in HU.
+    # nothing to add, so those voxels take the plain interpolation in HU. With consistency the
+    # block's own input value decides, so that blocks inside the window keep their block means.
     if aligned:
         interp_hu = upsample_blocks(torch.from_numpy(image.array.astype(np.float32)), fi, model_shape).numpy()
     else:
         interp_hu = lr_hu
-    hu = np.where(preprocessing.outside_window(interp_hu, region), interp_hu, hu).astype(np.float32)
+    if consistent:
+        outside = _per_block(preprocessing.outside_window(image.array, region), fi, model_shape)
+    else:
+        outside = preprocessing.outside_window(interp_hu, region)
+    hu = np.where(outside, interp_hu, hu).astype(np.float32)
     out = preprocessing.resample_to_grid(hu, model_matrix, out_shape, out_matrix, order=1).astype(np.float32)
     sp = ", ".join(f"{s:.3g}" for s in out_spacing[::-1])
     return TaskResult(
@@ -92,6 +93,40 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
         summary=f"super-resolved {image.shape[::-1]} -> {tuple(out_shape)[::-1]} voxels (i, j, k), spacing {sp} mm",
         messages=[f"unknown anatomy classes: {', '.join(unknown)}"] if unknown else [],
     )
+
+
+def project_block_means(x: torch.Tensor, lr: torch.Tensor, factor) -> torch.Tensor:
+    """``x`` shifted by one value per block and clipped to [-1, 1] so that its block means equal ``lr``.
+
+    Spreading each block's residual evenly and clipping afterwards (the window) would break the
+    equality wherever the sum leaves [-1, 1]. The mean of clip(x + c) grows monotonically with
+    the shift c, so each block's c is found by bisection; ``lr`` (a windowed image, clipped to
+    [-1, 1] here) always has a solution. Voxels past the last full block are left as they are.
+    """
+    f = tuple(int(a) for a in factor)
+    n = tuple(s // a for s, a in zip(x.shape, f))
+    crop = tuple(slice(0, a * b) for a, b in zip(n, f))
+    xb = x[crop].float().reshape(n[0], f[0], n[1], f[1], n[2], f[2])
+    target = lr[: n[0], : n[1], : n[2]].float().clamp(-1.0, 1.0)[:, None, :, None, :, None]
+    lo = torch.full_like(target, -1.0 - float(xb.max()))  # every voxel clipped to -1
+    hi = torch.full_like(target, 1.0 - float(xb.min()))  # every voxel clipped to +1
+    for _ in range(40):  # the bracket shrinks below float32 resolution
+        mid = 0.5 * (lo + hi)
+        below = (xb + mid).clamp(-1.0, 1.0).mean(dim=(1, 3, 5), keepdim=True) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    out = x.clone()
+    out[crop] = (xb + 0.5 * (lo + hi)).clamp(-1.0, 1.0).reshape(out[crop].shape).to(x.dtype)
+    return out
+
+
+def _per_block(mask: np.ndarray, factor, shape) -> np.ndarray:
+    """A per-block mask repeated onto the fine grid of ``shape`` (edge voxels extended)."""
+    up = np.asarray(mask)
+    for axis, f in enumerate(factor):
+        up = np.repeat(up, int(f), axis=axis)
+    pad = [(0, max(0, s - u)) for s, u in zip(shape, up.shape)]
+    return np.pad(up, pad, mode="edge")[: shape[0], : shape[1], : shape[2]]
 
 
 class _Scaled(torch.nn.Module):

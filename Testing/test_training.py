@@ -1,0 +1,298 @@
+"""Training: multi-level samples, condition dropout, learning, EMA, exact resume, checkpoints, DDP."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from MedDiffFMLib import anatomy
+from MedDiffFMLib.checkpoint import load_base, read_config
+from MedDiffFMLib.networks import NULL_REGION, preset
+from MedDiffFMLib.training import Case, Trainer, TrainOptions, draw_batch, draw_sample
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _coords(shape):
+    return torch.stack(torch.meshgrid(*[torch.linspace(-1.0, 1.0, n) for n in shape], indexing="ij"))
+
+
+def _linear(c):
+    """A volume that is a linear function of the whole-volume coordinates."""
+    return 0.3 * c[0] + 0.5 * c[1] - 0.2 * c[2]
+
+
+def _structured_cases(n=2, shape=(12, 12, 12), seed=0):
+    """Small smooth synthetic volumes with group maps (no phantoms needed)."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for i in range(n):
+        c = _coords(shape)
+        r = (c ** 2).sum(0).sqrt()
+        image = torch.where(r < 0.6 + 0.1 * i, 0.4, -0.8) + 0.05 * torch.randn(shape, generator=g)
+        groups = (r < 0.6 + 0.1 * i).to(torch.int8) * (2 + i)
+        cases.append(Case(image.float(), groups, region=1 + i, name=f"synthetic-{i}"))
+    return cases
+
+
+def _state_hash(sd):
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- multi-level samples
+SHAPE = (24, 20, 6)
+WINDOW = 8
+
+
+@pytest.fixture
+def ramp_case():
+    c = _coords(SHAPE)
+    groups = torch.zeros(SHAPE, dtype=torch.int8)
+    groups[:12] = 2 + anatomy.GROUP_NAMES.index("bone")
+    groups[12:] = 1
+    return Case(_linear(c).float(), groups, region=2)
+
+
+def test_image_level_sample_spans_the_whole_volume(ramp_case):
+    s = draw_sample(ramp_case, WINDOW, torch.Generator().manual_seed(0), level=0)
+    assert s["x0"].shape == (1, WINDOW, WINDOW, WINDOW)
+    assert s["coords"].shape == (3, WINDOW, WINDOW, WINDOW)
+    assert s["anatomy"].shape == (anatomy.NUM_CHANNELS, WINDOW, WINDOW, WINDOW)
+    torch.testing.assert_close(s["coords"], _coords((WINDOW,) * 3))
+    # the resized image is still the same function of the coordinates
+    torch.testing.assert_close(s["x0"][0], _linear(s["coords"]), atol=1e-5, rtol=0)
+    assert int(s["region"]) == 2
+    assert torch.all(s["anatomy"][-1] == 1)  # the "anatomy given" flag
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_crop_has_the_whole_volume_coordinates(ramp_case, seed):
+    s = draw_sample(ramp_case, WINDOW, torch.Generator().manual_seed(seed), level=2)
+    coords = s["coords"]
+    full = _coords(SHAPE)
+    # where is the crop? read the start back from the first voxel's coordinates
+    k0 = int(round((float(coords[0, 0, 0, 0]) + 1) / 2 * (SHAPE[0] - 1)))
+    j0 = int(round((float(coords[1, 0, 0, 0]) + 1) / 2 * (SHAPE[1] - 1)))
+    assert 0 <= k0 <= SHAPE[0] - WINDOW and 0 <= j0 <= SHAPE[1] - WINDOW
+    sl = (slice(k0, k0 + WINDOW), slice(j0, j0 + WINDOW), slice(0, SHAPE[2]))
+    # along k and j the window lies inside the volume: exact whole-volume coordinates and values
+    torch.testing.assert_close(coords[:, :, :, :SHAPE[2]], full[(slice(None), *sl)], atol=1e-6, rtol=0)
+    assert torch.equal(s["x0"][0, :, :, :SHAPE[2]], ramp_case.image[sl])
+    assert torch.equal(s["anatomy"][:, :, :, :SHAPE[2]], anatomy.group_channels(ramp_case.groups[sl][None])[0])
+    # the i axis (6 voxels) is shorter than the window: padded, coordinates continue past 1
+    step = 2.0 / (SHAPE[2] - 1)
+    torch.testing.assert_close(coords[2, 0, 0, SHAPE[2]:], 1.0 + step * torch.arange(1, WINDOW - SHAPE[2] + 1),
+                               atol=1e-6, rtol=0)
+    assert torch.equal(s["x0"][0, :, :, -1], s["x0"][0, :, :, SHAPE[2] - 1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_double_crop_coordinates_span_the_right_sub_range(ramp_case, seed):
+    s = draw_sample(ramp_case, WINDOW, torch.Generator().manual_seed(seed), level=1)
+    coords = s["coords"]
+    assert s["x0"].shape == (1, WINDOW, WINDOW, WINDOW)
+    for axis, n in enumerate(SHAPE):
+        line = coords[axis].movedim(axis, 0)[:, 0, 0]
+        crop = min(2 * WINDOW, n)
+        span = 2.0 * (crop - 1) / (n - 1)
+        assert float(line[-1] - line[0]) == pytest.approx(span, abs=1e-5)
+        assert float(line[0]) >= -1 - 1e-6 and float(line[-1]) <= 1 + 1e-6
+        torch.testing.assert_close(line, torch.linspace(float(line[0]), float(line[-1]), WINDOW))
+        # the start lies on a voxel of the whole volume
+        start = (float(line[0]) + 1) / 2 * (n - 1)
+        assert start == pytest.approx(round(start), abs=1e-4)
+    torch.testing.assert_close(s["x0"][0], _linear(coords), atol=1e-5, rtol=0)
+
+
+def test_case_without_labels_gets_the_null_anatomy():
+    case = Case(torch.zeros(10, 10, 10), None, region=3)
+    for level in range(3):
+        s = draw_sample(case, WINDOW, torch.Generator().manual_seed(level), level)
+        assert s["anatomy"].shape == (anatomy.NUM_CHANNELS, WINDOW, WINDOW, WINDOW)
+        assert not s["anatomy"].any()
+
+
+def test_condition_dropout_and_level_rates():
+    shape = (12, 12, 12)
+    c = _coords(shape)
+    case = Case(_linear(c).float(), torch.ones(shape, dtype=torch.int8), region=2)
+    opts = TrainOptions(p_drop_region=0.3, p_drop_anatomy=0.6, level_probs=(0.5, 0.3, 0.2))
+    n = 1200
+    batch = draw_batch([case], n, 4, torch.Generator().manual_seed(0), opts)
+    assert batch["x0"].shape == (n, 1, 4, 4, 4)
+    region_dropped = float((batch["region"] == NULL_REGION).float().mean())
+    anatomy_dropped = float((batch["anatomy"].flatten(1).amax(1) == 0).float().mean())
+    assert region_dropped == pytest.approx(0.3, abs=0.06)
+    assert anatomy_dropped == pytest.approx(0.6, abs=0.06)
+    assert set(batch["region"].tolist()) == {0, 2}
+    # the level shows in the coordinate span along k: 2 (image), 14/11 (double crop), 6/11 (native)
+    span = batch["coords"][:, 0, -1, 0, 0] - batch["coords"][:, 0, 0, 0, 0]
+    rates = [float((span - v).abs().lt(1e-4).float().mean()) for v in (2.0, 14 / 11, 6 / 11)]
+    assert sum(rates) == pytest.approx(1.0)
+    for got, want in zip(rates, (0.5, 0.3, 0.2)):
+        assert got == pytest.approx(want, abs=0.06)
+
+
+def test_train_options_are_validated():
+    with pytest.raises(ValueError):
+        TrainOptions(steps=0)
+    with pytest.raises(ValueError):
+        TrainOptions(level_probs=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError):
+        TrainOptions(precision="fp8")
+    with pytest.raises(ValueError, match="no training cases"):
+        Trainer([], "unused", TrainOptions(), preset("tiny"), device="cpu")
+
+
+# ------------------------------------------------------------------------------- learning, EMA
+LEARN_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny model trained briefly on three phantoms at 8 mm (16 x 20 x 20 voxels)."""
+    from MedDiffFMLib.training import phantom_cases
+
+    cfg = preset("tiny", spacing_mm=8.0)
+    cases = phantom_cases(3, cfg, fov_mm=(128.0, 160.0, 160.0))
+    out = tmp_path_factory.mktemp("trained")
+    opts = TrainOptions(steps=LEARN_STEPS, batch_size=2, lr=2e-3, ema_decay=0.99, checkpoint_every=10_000,
+                        log_every=10, progress=False, seed=0)
+    trainer = Trainer(cases, out, opts, cfg, device="cpu")
+    losses = trainer.train()
+    return trainer, losses, out
+
+
+def test_loss_falls_on_phantoms(trained):
+    trainer, losses, out = trained
+    assert len(losses) == LEARN_STEPS and all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-20:]))
+    assert last < 0.8 * first, (first, last)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["step"] for e in log] == list(range(10, LEARN_STEPS + 1, 10))
+    assert log[-1]["loss"] == pytest.approx(losses[-1])
+
+
+def test_model_directory_holds_the_ema(trained):
+    trainer, losses, out = trained
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    raw = trainer.model.state_dict()
+    assert set(saved) == set(raw) == set(trainer.ema)
+    for k, v in saved.items():
+        assert torch.equal(v, trainer.ema[k].to(v.dtype)), k
+    floating = [k for k, v in raw.items() if v.is_floating_point()]
+    differ = [k for k in floating if not torch.equal(raw[k], trainer.ema[k])]
+    assert len(differ) > 0.9 * len(floating)
+    cfg = read_config(out / "model")
+    assert cfg["kind"] == "base" and cfg["meta"]["steps"] == LEARN_STEPS
+    assert cfg["spacing_mm"] == 8.0
+    model = load_base(out / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trainer.ema[k]), k
+
+
+# ------------------------------------------------------------------------------- exact resume
+def _small_trainer(out, steps, **kw):
+    cfg = preset("tiny", window=8)
+    kw = {"checkpoint_every": 10_000, **kw}
+    opts = TrainOptions(steps=steps, batch_size=2, lr=1e-3, ema_decay=0.9, progress=False, seed=3, **kw)
+    return Trainer(_structured_cases(), out, opts, cfg, device="cpu")
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = _small_trainer(tmp_path / "straight", 6)
+    losses_straight = straight.train()
+
+    first = _small_trainer(tmp_path / "split", 3)
+    losses_first = first.train()
+    assert (tmp_path / "split" / "training_state" / "state.json").is_file()
+    second = _small_trainer(tmp_path / "split", 6)
+    assert not all(torch.equal(a, b) for a, b in zip(second.model.state_dict().values(),
+                                                      first.model.state_dict().values()))
+    second.resume()
+    assert second.step == 3
+    losses_second = second.train()
+
+    assert losses_first + losses_second == losses_straight
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(straight.ema[k], second.ema[k]) for k in straight.ema)
+    oa, ob = straight.optimizer.state_dict(), second.optimizer.state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for idx in oa["state"]:
+        for name, v in oa["state"][idx].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][idx][name])), (idx, name)
+    assert torch.equal(straight.gen.get_state(), second.gen.get_state())
+    ma = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    mb = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    _small_trainer(tmp_path, 1).train()
+    state = json.loads((tmp_path / "training_state" / "state.json").read_text(encoding="utf-8"))
+    state["world"] = 2
+    (tmp_path / "training_state" / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match="2 processes"):
+        _small_trainer(tmp_path, 2).resume()
+
+
+def test_checkpoint_every_n_steps(tmp_path):
+    out = tmp_path / "does" / "not" / "exist"
+    seen = {}
+
+    def on_step(step, loss):
+        state = out / "training_state" / "state.json"
+        seen[step] = json.loads(state.read_text(encoding="utf-8"))["step"] if state.is_file() else None
+
+    trainer = _small_trainer(out, 5, checkpoint_every=2)
+    trainer.train(on_step)
+    # on_step runs before the checkpoint of its own step
+    assert seen == {1: None, 2: None, 3: 2, 4: 2, 5: 4}
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "training_state" / "state.safetensors").is_file()
+    assert json.loads((out / "training_state" / "state.json").read_text(encoding="utf-8"))["step"] == 5
+    assert read_config(out / "model")["meta"]["steps"] == 5
+    assert not [p for p in (out).iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+# ------------------------------------------------------------------------------- DDP (gloo)
+def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+    pytest.importorskip("MedDiffFMLib.phantoms")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(HERE / "ddp_train_worker.py"), str(tmp_path / "hashes"),
+           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-fov", "64", "80", "80", "--spacing", "8",
+           "--steps", "3", "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--device", "cpu",
+           "--no-progress", "--checkpoint-every", "100"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "hashes" / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["world"] == 2 and r["steps"] == 3 for r in ranks)
+    # each rank drew its own data ...
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    # ... and the gradient all-reduce kept the weights identical
+    assert ranks[0]["raw_sha256"] == ranks[1]["raw_sha256"]
+    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
+    assert ranks[0]["raw_sha256"] != ranks[0]["init_sha256"]
+    # rank 0 wrote the (EMA) model; the checkpoint records both ranks' random states
+    assert _state_hash(load_file(str(out / "model" / "model.safetensors"))) == ranks[0]["ema_sha256"]
+    state = load_file(str(out / "training_state" / "state.safetensors"))
+    assert {"rng.0", "rng.1"} <= set(state)
+    assert json.loads((out / "training_state" / "state.json").read_text(encoding="utf-8"))["world"] == 2
