@@ -204,7 +204,7 @@ A 3D CT diffusion foundation model for six tasks: denoising, anomaly detection, 
 super-resolution, lesion generation and inpainting. Choose the input CT and a task, adjust the few
 options the task shows, and press Apply; the results appear as new nodes in the input's study.
 The first Apply installs PyTorch and MONAI (a few minutes, once).
-See the <a href="https://github.com/meddifffm/SlicerMedDiffFM/blob/main/docs/SLICER.md">documentation</a>.
+See the <a href="https://github.com/MedDiffFM/SlicerMedDiffFM#3d-slicer">documentation</a>.
 <br><br>Research use only: outputs are generated images, not measurements, and are not for diagnosis.
 """)
         self.parent.acknowledgementText = _("""

@@ -7,7 +7,6 @@ raw weights, RNG states) in safetensors and JSON as well.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .weights import sha256_file  # noqa: F401 (part of this module's API)
 from .networks import ControlNetConfig, FoundationUNet, ModelConfig, NoisePredictor, TaskControlNet
 
 FORMAT = "meddiff-fm/1"
@@ -27,14 +27,6 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(ValueError):
     """A model directory that cannot be used, with the reason in words."""
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_dir(target: Path):

@@ -232,7 +232,7 @@ def _model_config(args):
 
 
 def cmd_train(args) -> int:
-    from .training import Trainer, manifest_cases, phantom_cases
+    from .training import Trainer
 
     cfg = _model_config(args)
     if args.resume and (Path(args.out) / "model" / "config.json").exists():
@@ -241,30 +241,42 @@ def cmd_train(args) -> int:
 
         saved = read_config(Path(args.out) / "model")
         cfg = ModelConfig.from_dict({k: v for k, v in saved.items() if k not in ("kind", "format", "meta")})
+    cases = _image_cases(args, cfg)
+    if not cases:
+        raise SystemExit("error: no training data: give --data and/or --phantoms N")
+    return _train(Trainer(cases, args.out, _train_options(args), cfg, device=args.device), args, "train")
+
+
+def _train(trainer, args, what: str) -> int:
+    """Resume if asked, train, and print one summary line on the main process."""
+    if args.resume:
+        trainer.resume()
+    losses = trainer.train()
+    if trainer.dist.main:
+        tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
+        print(f"{what}: {trainer.step} steps, mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}; "
+              f"model in {Path(args.out) / 'model'}")
+    return 0
+
+
+def _image_cases(args, cfg) -> list:
+    """Cases from --data and/or --phantoms (image-only training data)."""
+    from .training import manifest_cases, phantom_cases
+
     cases = []
     if args.data:
         cases += manifest_cases(args.data, cfg, args.region)
     if args.phantoms:
         cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
                                noise_hu=args.phantom_noise)
-    if not cases:
-        raise SystemExit("error: no training data: give --data and/or --phantoms N")
-    trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device)
-    if args.resume:
-        trainer.resume()
-    losses = trainer.train()
-    if trainer.dist.main:
-        tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
-        print(f"train: {trainer.step} steps, mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}; "
-              f"model in {Path(args.out) / 'model'}")
-    return 0
+    return cases
 
 
 def cmd_finetune(args) -> int:
     from .checkpoint import load_base, sha256_file
-    from .finetune import lesion_cases_from_arrays, lesion_phantom_cases, superres_cases
+    from .finetune import lesion_phantom_cases, superres_cases
     from .networks import ControlNetConfig
-    from .training import Trainer, manifest_cases, phantom_cases
+    from .training import Trainer
 
     base_dir = _resolve_base(args.base)
     base = load_base(base_dir)
@@ -275,13 +287,7 @@ def cmd_finetune(args) -> int:
         if min(factor) < 1:
             raise SystemExit("error: --factor values must be >= 1")
         params["factor"] = list(factor)
-        cases = []
-        if args.data:
-            cases += manifest_cases(args.data, cfg, args.region)
-        if args.phantoms:
-            cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
-                                   noise_hu=args.phantom_noise)
-        cases = superres_cases(cases, factor)
+        cases = superres_cases(_image_cases(args, cfg), factor)
         channels = 1
     else:
         cases = []
@@ -297,14 +303,7 @@ def cmd_finetune(args) -> int:
                               base_sha256=sha256_file(base_dir / "model.safetensors"), params=params)
     trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device, base=base,
                       controlnet_cfg=cn_cfg)
-    if args.resume:
-        trainer.resume()
-    losses = trainer.train()
-    if trainer.dist.main:
-        tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
-        print(f"finetune ({args.task}): {trainer.step} steps, mean loss of the last {len(tail)} steps "
-              f"{sum(tail) / len(tail):.4f}; ControlNet in {Path(args.out) / 'model'}")
-    return 0
+    return _train(trainer, args, f"finetune ({args.task})")
 
 
 def _resolve_base(name) -> Path:

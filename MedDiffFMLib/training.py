@@ -18,10 +18,9 @@ Generator per rank whose state is checkpointed with the weights, the EMA and the
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 

@@ -9,10 +9,8 @@ for healthy tissue (lesion removal). Outside the mask the output is the input, b
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .. import preprocessing
 from ..diffusion import forward_jump, step
 from ..finetune import lesion_condition
 from ..sampling import Condition, ProgressTracker
@@ -93,10 +91,7 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             x = forward_jump(sched, x, t, t_next, gen)
-    full = grid.unit.copy()
-    full[box] = np.where(mask_model[box], x.numpy(), full[box])
-    hu = preprocessing.unit_to_hu(full, region).astype(np.float32)
-    out = paste(image, mask_in, hu, grid)
+    out = paste(image, mask_in, mask_model, box, x.numpy(), grid, region)
     change = float(out[mask_in].mean() - image.array[mask_in].mean())
     return TaskResult(
         volumes={"inpainted": Volume(out, image.ijk_to_ras.copy())},

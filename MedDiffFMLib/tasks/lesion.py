@@ -54,9 +54,14 @@ def prepare_local(request: TaskRequest, params: dict, predictor):
     return image, region, grid, mask_in, mask_model, box, groups, unknown
 
 
-def paste(image: Volume, mask_in: np.ndarray, generated_hu_model: np.ndarray, grid) -> np.ndarray:
-    """The input with the generated HU inside the mask (input grid); outside it, the input's bits."""
-    gen = preprocessing.resample_to_grid(generated_hu_model, grid.ijk_to_ras, image.shape, image.ijk_to_ras, order=1)
+def paste(image: Volume, mask_in: np.ndarray, mask_model: np.ndarray, box, generated: np.ndarray, grid,
+          region: str) -> np.ndarray:
+    """The input with the generated box content (model units) inside the mask, on the input
+    grid, in HU; outside the mask, the input's values bit for bit."""
+    full = grid.unit.copy()
+    full[box] = np.where(mask_model[box], generated, full[box])
+    hu = preprocessing.unit_to_hu(full, region).astype(np.float32)
+    gen = preprocessing.resample_to_grid(hu, grid.ijk_to_ras, image.shape, image.ijk_to_ras, order=1)
     out = np.array(image.array, dtype=np.float32, copy=True)
     out[mask_in] = gen[mask_in]
     return out
@@ -78,10 +83,7 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
     crop = y[box]
     x = sampler.sample(tuple(crop.shape), cond, x_init=crop, t_start=t_start, progress=progress, cancel=cancel,
                        stage="lesion generation")
-    full = grid.unit.copy()
-    full[box] = np.where(mask_model[box], x.numpy(), full[box])
-    hu = preprocessing.unit_to_hu(full, region).astype(np.float32)
-    out = paste(image, mask_in, hu, grid)
+    out = paste(image, mask_in, mask_model, box, x.numpy(), grid, region)
     contrast = float(out[mask_in].mean() - image.array[mask_in].mean())
     return TaskResult(
         volumes={"lesion": Volume(out, image.ijk_to_ras.copy())},

@@ -8,7 +8,6 @@ refinement) keeps the global layout coherent on volumes larger than one window.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .. import preprocessing
 from ..geometry import make_ijk_to_ras
