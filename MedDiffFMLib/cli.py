@@ -529,13 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
-    p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"))
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("K", "J", "I"))
-    p.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), metavar=("SK", "SJ", "SI"))
-    p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--lesions", type=int, default=0)
-    p.add_argument("--noise", type=float, default=12.0, help="CT noise std in HU")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--region", default="abdomen", choices=("head_neck", "chest", "abdomen"),
+                   help="body region (default abdomen)")
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 64, 64), metavar=("K", "J", "I"),
+                   help="voxels along k, j, i (default 48 64 64)")
+    p.add_argument("--spacing", type=float, nargs=3, default=(4.0, 4.0, 4.0), metavar=("SK", "SJ", "SI"),
+                   help="voxel size in mm along k, j, i (default 4 4 4, the demo model's grid)")
+    p.add_argument("--seed", type=int, default=100_000, help="phantom seed (training uses seeds below 10 000)")
+    p.add_argument("--lesions", type=int, default=0, help="number of inserted lesions (default 0)")
+    p.add_argument("--noise", type=float, default=12.0, help="CT noise std in HU (default 12)")
+    p.add_argument("-o", "--output", required=True,
+                   help="image file; labels and lesion mask are written beside it (<name>_labels, <name>_lesions)")
     p.set_defaults(func=cmd_phantom)
     return parser
 
