@@ -160,7 +160,7 @@ TASK_PARAMETERS = {
 }
 # Defaults applied when the task changes (the library's defaults for these tasks).
 TASK_DEFAULTS = {
-    "denoise": {"steps": 10, "strength": 1.0, "noiseLevel": 0.0},
+    "denoise": {"steps": 2, "strength": 1.0, "noiseLevel": 0.0},
     "anomaly": {"steps": 20, "noiseFraction": 0.95},
     "synthesize": {"steps": 20},
     "superres": {"steps": 20, "noiseFraction": 0.6},

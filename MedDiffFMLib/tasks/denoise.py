@@ -22,7 +22,8 @@ from .common import (anatomy_on_grid, back_to_input_grid, region_index, require_
 
 PARAMS = {
     **COMMON_PARAMS,
-    "steps": ParamSpec(int, 10, "reverse steps from the step that matches the noise level"),
+    "steps": ParamSpec(int, 2, "reverse steps from the step that matches the noise level (few steps give the "
+                               "most faithful, MMSE-like estimate; more give sharper texture)"),
     "noise_level": ParamSpec(float, 0.0, "noise standard deviation in HU (0 = estimate from the image)"),
     "strength": ParamSpec(float, 1.0, "multiplies the noise level: > 1 smooths more, < 1 less"),
     "lam": ParamSpec(float, 10.0, "DiffPIR lambda: weight of the prior against the data"),
