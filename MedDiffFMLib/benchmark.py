@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import metrics, preprocessing
+from . import anatomy, metrics, preprocessing
 
 ALL_TASKS = ("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")
 _TASK_ALIASES = {"denoise": "denoise", "denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis",
@@ -337,21 +337,26 @@ def organ_deviation_map(hu: np.ndarray, labels: np.ndarray, region: str, body: n
     return np.where(body, dev, 0.0).astype(np.float32)
 
 
-def threshold_anomaly_map(amap: np.ndarray, body: np.ndarray, min_size: int = 3) -> tuple[np.ndarray, float]:
-    """The anomaly task's own mask rule: median + 6 MAD over the body, components of fewer than
-    ``min_size`` voxels dropped. Returns (mask, threshold)."""
+def threshold_anomaly_map(amap: np.ndarray, body: np.ndarray, min_size: int = 3,
+                          threshold: float = 4.0) -> tuple[np.ndarray, float]:
+    """The anomaly task's own mask rule on a (z-scored) map: above ``threshold`` inside the body,
+    components of fewer than ``min_size`` voxels dropped. Returns (mask, threshold)."""
     from scipy import ndimage
 
-    from .tasks.anomaly import auto_threshold
-
-    inside = amap[body] if body.any() else amap.ravel()
-    thr = auto_threshold(inside)
-    mask = (amap > thr) & body
+    mask = (amap > threshold) & body
     if min_size > 1 and mask.any():
         lab, k = ndimage.label(mask)
         sizes = np.bincount(lab.ravel())
         mask = np.isin(lab, np.nonzero(sizes >= min_size)[0][1:]) if k else mask
-    return mask, float(thr)
+    return mask, float(threshold)
+
+
+def zscore_by_tissue(amap: np.ndarray, labels: np.ndarray, label_names, body: np.ndarray) -> np.ndarray:
+    """The anomaly task's normalisation: robust z-score within each anatomy group."""
+    from .tasks.anomaly import group_zscore
+
+    groups, _ = anatomy.group_map(labels, label_names)
+    return group_zscore(amap, groups, body)
 
 
 def anomaly_volume_score(amap: np.ndarray, body: np.ndarray) -> float:
@@ -787,7 +792,8 @@ class _Context:
                     image=ph.volume(), region=region, anatomy=ph.label_volume(), anatomy_names=ph.label_names,
                     params=self.params("anomaly")))
                 t0 = time.monotonic()
-                bmap = organ_deviation_map(ph.hu, ph.labels, region, body)
+                bmap = zscore_by_tissue(organ_deviation_map(ph.hu, ph.labels, region, body), ph.labels,
+                                        ph.label_names, body)
                 bmask, _ = threshold_anomaly_map(bmap, body)
                 bsecs = time.monotonic() - t0
                 results = {

@@ -248,6 +248,8 @@ def test_organ_deviation_map_and_threshold():
     amap = bm.organ_deviation_map(hu, labels, "abdomen", body)
     assert amap[~body].max() == 0.0
     assert np.unravel_index(np.argmax(amap), amap.shape) == (8, 8, 8)
+    amap = bm.zscore_by_tissue(amap, labels, {5: "liver"}, body)
+    assert np.unravel_index(np.argmax(amap), amap.shape) == (8, 8, 8)
     mask, thr = bm.threshold_anomaly_map(amap, body)
     truth = np.zeros_like(body)
     truth[7:10, 7:10, 7:10] = True

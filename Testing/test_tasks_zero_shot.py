@@ -350,3 +350,21 @@ def test_the_phantom_grid_is_oblique_and_anisotropic(task_phantom):
     _, shape = regrid(m, (8, 16, 14), (1.0, 1.0, 1.0))
     assert shape == (16, 16, 17)
     assert not np.allclose(m, make_ijk_to_ras((2.0, 1.0, 1.2)))
+
+
+def test_group_zscore_normalises_each_tissue_on_its_own():
+    from MedDiffFMLib.tasks.anomaly import group_zscore
+
+    rng = np.random.default_rng(0)
+    groups = np.zeros((8, 8, 16), np.int8)
+    groups[:, :, :8] = 1
+    groups[:, :, 8:] = 2
+    # tissue 2 is ten times noisier than tissue 1; an outlier of the same size sits in each
+    diff = np.where(groups == 1, 0.01, 0.1) * np.abs(rng.standard_normal(groups.shape)) + 0.1
+    diff[4, 4, 3] += 0.2
+    diff[4, 4, 12] += 0.2
+    z = group_zscore(diff.astype(np.float32), groups, np.ones(groups.shape, bool))
+    assert z.min() == 0.0
+    # in the quiet tissue the outlier stands out; in the noisy one it is ordinary
+    assert z[4, 4, 3] > 10 and z[4, 4, 12] < z[4, 4, 3] / 4
+    assert np.median(z[groups == 1]) == pytest.approx(0.0, abs=1e-6)

@@ -2,9 +2,15 @@
 
 The image is diffused forward to a large t, where lesion-scale detail is drowned in noise,
 then reconstructed by the foundation model, which has only seen (mostly) healthy anatomy.
-What the reconstruction does not reproduce is anomalous: the anomaly map is the smoothed
-absolute difference inside the body, the volume score a high quantile of it, and the mask a
-threshold of it (automatic: a robust outlier bound over the body).
+What the reconstruction does not reproduce is anomalous.
+
+The anomaly map is the smoothed absolute difference, expressed as a robust z-score *per
+tissue group*: within each anatomy group (liver, lung, gut, ...; the whole body when no
+anatomy is given) the median difference is subtracted and the result divided by the scaled
+median absolute deviation. Tissues whose content is inherently unpredictable (bowel gas,
+enhancing vessels) then stop dominating the map; on held-out phantoms this raised the voxel
+AUROC markedly (e.g. head-and-neck 0.69 -> 0.90). The volume score is a high quantile of the
+map, and the mask is the map above a z threshold (default 4).
 """
 
 from __future__ import annotations
@@ -26,16 +32,27 @@ PARAMS = {
                                               "(the paper: 950 of 1000)"),
     "reconstructions": ParamSpec(int, 1, "average the reconstructions of this many seeds"),
     "smoothing_mm": ParamSpec(float, 0.0, "Gaussian smoothing of the difference (0 = one model voxel)"),
-    "threshold": ParamSpec(float, 0.0, "anomaly-map threshold in model units (0 = automatic)"),
+    "threshold": ParamSpec(float, 4.0, "anomaly-map threshold: robust z-score within the voxel's tissue group"),
     "min_size_voxels": ParamSpec(int, 3, "drop mask components smaller than this (model grid voxels)"),
 }
 
 
-def auto_threshold(values: np.ndarray) -> float:
-    """A robust outlier bound of the map inside the body: median + 6 scaled MADs."""
-    med = float(np.median(values))
-    mad = float(np.median(np.abs(values - med))) * 1.4826
-    return med + 6.0 * max(mad, 1e-3)
+def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Robust z-score of ``diff`` within each value of ``groups`` (inside ``inside``), floored at 0.
+
+    Args:
+        diff: (D, H, W) non-negative difference map.
+        groups: (D, H, W) integer tissue group per voxel.
+        inside: (D, H, W) bool: where the map is defined (the body).
+    """
+    z = np.zeros(diff.shape, dtype=np.float32)
+    for g in np.unique(groups[inside]):
+        sel = inside & (groups == g)
+        values = diff[sel]
+        med = float(np.median(values))
+        mad = 1.4826 * float(np.median(np.abs(values - med)))
+        z[sel] = (values - med) / max(mad, 1e-3)
+    return np.maximum(z, 0.0)
 
 
 def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
@@ -62,17 +79,24 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
     recon = torch.stack(recons).mean(0).numpy()
     body_hu = preprocessing.resample_to_grid(image.array, image.ijk_to_ras, grid.shape, grid.ijk_to_ras, order=1)
     body = preprocessing.estimate_body_mask(body_hu)
+    if groups is not None:
+        body |= groups.numpy() > 0
+    if not body.any():
+        raise ValueError("no body found in the image (nothing above -500 HU): anomaly detection needs a patient")
     sigma_vox = (params["smoothing_mm"] / cfg.spacing_mm) if params["smoothing_mm"] > 0 else 1.0
     diff = ndimage.gaussian_filter(np.abs(recon - grid.unit).astype(np.float32), sigma_vox)
-    amap = np.where(body, diff, 0.0).astype(np.float32)
-    inside = amap[body] if body.any() else amap.ravel()
-    threshold = params["threshold"] if params["threshold"] > 0 else auto_threshold(inside)
+    tissue = groups.numpy() if groups is not None else np.ones(grid.shape, dtype=np.int8)
+    amap = group_zscore(diff, tissue, body)
+    inside = amap[body]
+    threshold = params["threshold"]
+    if threshold <= 0:
+        raise ValueError("threshold must be > 0 (a robust z-score, default 4)")
     mask = (amap > threshold) & body
     if params["min_size_voxels"] > 1 and mask.any():
         lab, k = ndimage.label(mask)
         sizes = np.bincount(lab.ravel())
         mask = np.isin(lab, np.nonzero(sizes >= params["min_size_voxels"])[0][1:]) if k else mask
-    score = float(np.quantile(inside, 0.999)) if inside.size else 0.0
+    score = float(np.quantile(inside, 0.999))
     recon_hu = preprocessing.unit_to_hu(recon, region).astype(np.float32)
     out_map = back_to_input_grid(amap, grid, image, order=1).astype(np.float32)
     out_mask = back_to_input_grid(mask, grid, image, order=0).astype(bool)
