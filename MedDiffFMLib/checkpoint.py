@@ -42,6 +42,12 @@ def _atomic_dir(target: Path):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
+            # mkdtemp makes a private (0700) folder: give the result the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)
+            for f in self.tmp.iterdir():
+                os.chmod(f, 0o666 & ~umask)
             old = None
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
