@@ -21,6 +21,9 @@ from .volume import Volume
 
 HELD_OUT_SEED = 100_001  # training uses seeds below 10 000
 FOV_MM = (192.0, 256.0, 256.0)
+# Reverse steps per task: chosen so that the three tasks finish in under two minutes on a
+# 2-core CPU with the demo weights (the tasks' own defaults favour quality over speed).
+DEMO_STEPS = {"denoise": 2, "anomaly": 10, "superres": 8}
 
 
 def _window_u8(hu: np.ndarray, region: str) -> np.ndarray:
@@ -59,17 +62,23 @@ def _psnr_window(pred, target, region, mask):
 
 
 def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto", seed: int = HELD_OUT_SEED,
-             progress: bool = True) -> dict:
-    """Run the demo; returns the measured numbers (also written to ``output/results.json``)."""
+             progress: bool = True, superres_controlnet=None, fov_mm=FOV_MM) -> dict:
+    """Run the demo; returns the measured numbers (also written to ``output/results.json``).
+
+    Args:
+        model / superres_controlnet: model directories or registry ids (None: the bundled ones).
+        fov_mm: phantom field of view (k, j, i) in mm; the phantoms are made on the model's grid.
+    """
     from .checkpoint import read_config
     from .phantoms import add_ct_noise, make_phantom
     from .tasks import TaskRequest, run_task
     from .tasks.common import resolve_model_dir
 
     out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
     base_dir = resolve_model_dir(model, kind="base")
     spacing = float(read_config(base_dir)["spacing_mm"])
-    shape = tuple(int(round(f / spacing)) for f in FOV_MM)
+    shape = tuple(int(round(f / spacing)) for f in fov_mm)
     sp = (spacing,) * 3
     results: dict = {"model": str(base_dir), "seed": seed, "shape_kji": shape, "spacing_mm": spacing}
     bar = _Bar(progress)
@@ -80,7 +89,8 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
     ph = make_phantom(region, shape_kji=shape, spacing_kji=sp, seed=seed, noise_hu=0.0)
     noisy = add_ct_noise(ph.clean_hu, 30.0, seed=seed + 1, spacing_kji=sp).astype(np.float32)
     t0 = time.monotonic()
-    res = run_task("denoise", TaskRequest(image=Volume(noisy, ph.ijk_to_ras), region=region), base_dir,
+    res = run_task("denoise", TaskRequest(image=Volume(noisy, ph.ijk_to_ras), region=region,
+                                          params={"steps": DEMO_STEPS["denoise"]}), base_dir,
                    device=device, progress=bar.stage("denoise"))
     den = res.volumes["denoised"].array
     body = ph.labels > 0
@@ -98,7 +108,8 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
     ph = make_phantom(region, shape_kji=shape, spacing_kji=sp, seed=seed + 2, lesions=2, noise_hu=12.0)
     t0 = time.monotonic()
     res = run_task("anomaly", TaskRequest(image=ph.volume(), region=region, anatomy=ph.label_volume(),
-                                          anatomy_names=ph.label_names), base_dir, device=device,
+                                          anatomy_names=ph.label_names, params={"steps": DEMO_STEPS["anomaly"]}),
+                   base_dir, device=device,
                    progress=bar.stage("anomaly"))
     amap = res.volumes["anomaly_map"].array
     body = ph.labels > 0
@@ -117,7 +128,7 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
 
     # 3. super-resolution: a thick-slice acquisition of a chest phantom
     try:
-        cn_dir = resolve_model_dir(None, kind="controlnet", task="superres")
+        cn_dir = resolve_model_dir(superres_controlnet, kind="controlnet", task="superres")
     except (FileNotFoundError, ValueError) as e:
         rows.append(("superres", f"skipped: {e}", 0.0))
     else:
@@ -129,7 +140,8 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
         lr = hr.reshape(n[0], factor[0], n[1], factor[1], n[2], factor[2]).mean(axis=(1, 3, 5)).astype(np.float32)
         lr_matrix, _ = regrid(ph.ijk_to_ras, hr.shape, np.array(sp) * np.array(factor))
         t0 = time.monotonic()
-        res = run_task("superres", TaskRequest(image=Volume(lr, lr_matrix), region=region), base_dir,
+        res = run_task("superres", TaskRequest(image=Volume(lr, lr_matrix), region=region,
+                                               params={"steps": DEMO_STEPS["superres"]}), base_dir,
                        controlnet=cn_dir, device=device, progress=bar.stage("superres"))
         sr = res.volumes["superres"]
         cubic = preprocessing.resample_to_grid(lr, lr_matrix, sr.shape, sr.ijk_to_ras, order=3)
