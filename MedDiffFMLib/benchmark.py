@@ -668,8 +668,8 @@ class _Context:
                 f"Phantoms with {ANOMALY_LESIONS} inserted lesions and the healthy phantoms of the same cases "
                 f"({PHANTOM_NOISE_HU:g} HU noise). Model: partial diffusion with the phantom's label map as the "
                 "anatomy condition (as a TotalSegmentator result would be). Baseline: |HU - median HU of the voxel's "
-                "label| in window units, smoothed by 1 voxel (same label map). Both: mask = median + 6 MAD over the "
-                "body, volume score = 0.999 quantile. Voxel AUROC and Dice on lesion cases inside the body; volume "
+                "label| in window units, smoothed by 1 voxel (same label map). Both maps are robust z-scores within "
+                "each anatomy group; mask = z > 4 inside the body, volume score = 0.999 quantile. Voxel AUROC and Dice on lesion cases inside the body; volume "
                 "AUROC pools lesion (positive) and healthy (negative) volumes; flagged = mask volume on healthy "
                 "phantoms (lower is better)."),
             "synthesis": (

@@ -17,10 +17,10 @@ meddiff-fm export "$OUT/base/model" --fp16 --to Resources/models/meddifffm-demo-
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256
 #    (the two runs are independent: run them side by side, one core each)
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --factor 3 1 1 \
-    --phantoms 60 --phantom-seed 0 --steps 3000 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
+    --phantoms 60 --phantom-seed 0 --steps 1830 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
     --checkpoint-every 100 --seed 1 --device cpu --out "$OUT/superres" &
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 \
-    --phantoms 60 --phantom-seed 2000 --steps 3000 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
+    --phantoms 60 --phantom-seed 2000 --steps 1842 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
     --checkpoint-every 100 --seed 2 --device cpu --out "$OUT/lesion" &
 wait
 for task in superres lesion; do
