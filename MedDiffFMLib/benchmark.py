@@ -653,6 +653,11 @@ class _Context:
     def add(self, task, condition, method, metric, value, case, n=None):
         self.rows.add(task, condition, method, metric, value, case, n)
 
+    def add_all(self, task, condition, method, case, **values) -> None:
+        """One row per metric=value, in the order given."""
+        for metric, value in values.items():
+            self.add(task, condition, method, metric, value, case)
+
     def captions(self) -> dict:
         o = self.opts
         levels = ", ".join(f"{n:g}" for n in o.noise_levels_hu)
@@ -944,68 +949,58 @@ class _Context:
             self._phantoms[key] = (ph, mask, organ, ring, near, ph.label_names[lab])
         return self._phantoms[key]
 
-    def run_inpaint(self) -> None:
+    def local_cases(self):
+        """(case index, phantom, mask, ring, near, organ name) for each case that has a local mask."""
+        for i in range(self.opts.cases):
+            local = self.local_mask(i)
+            if local is not None:
+                ph, mask, _organ, ring, near, organ_name = local
+                yield i, ph, mask, ring, near, organ_name
+
+    def run_local_task(self, task: str, ph, mask, params: dict):
+        """Run a mask task (inpaint / lesion) on a phantom with the lesion ControlNet."""
         from .tasks import TaskRequest
         from .volume import Volume
 
+        return self.run_model(task, TaskRequest(
+            image=ph.volume(), region=ph.region, mask=Volume(mask.astype(np.uint8), ph.ijk_to_ras),
+            params={**self.params(task), **params}), controlnet=self.cn["lesion"])
+
+    def run_inpaint(self) -> None:
         o = self.opts
-        for i in range(o.cases):
-            local = self.local_mask(i)
-            if local is None:
-                continue
-            ph, mask, organ, ring, near, organ_name = local
-            region, case = ph.region, self.case_name(i)
-            cond_in = "input (unchanged)"
+        for i, ph, mask, ring, near, organ_name in self.local_cases():
+            case = self.case_name(i)
             base = lesion_measures(ph.hu, mask, ring, near)
-            self.add("inpaint", "reference", cond_in, "delta_mean_hu", base["contrast_hu"], case)
-            self.add("inpaint", "reference", cond_in, "std_in_hu", base["std_in_hu"], case)
-            self.add("inpaint", "reference", cond_in, "std_ring_hu", base["std_ring_hu"], case)
+            self.add_all("inpaint", "reference", "input (unchanged)", case, delta_mean_hu=base["contrast_hu"],
+                         std_in_hu=base["std_in_hu"], std_ring_hu=base["std_ring_hu"])
             for content in ("healthy", "lesion"):
-                res, secs = self.run_model("inpaint", TaskRequest(
-                    image=ph.volume(), region=region, mask=Volume(mask.astype(np.uint8), ph.ijk_to_ras),
-                    params={**self.params("inpaint"), "content": content}), controlnet=self.cn["lesion"])
+                res, secs = self.run_local_task("inpaint", ph, mask, {"content": content})
                 out = res.volumes["inpainted"].array
                 m = lesion_measures(out, mask, ring, near)
-                method = "model (RePaint + lesion ControlNet)"
-                cond = f"content={content}"
-                self.add("inpaint", cond, method, "outside_identical", outside_identical_fraction(out, ph.hu, mask),
-                         case)
-                self.add("inpaint", cond, method, "delta_mean_hu", m["contrast_hu"], case)
-                self.add("inpaint", cond, method, "std_in_hu", m["std_in_hu"], case)
-                self.add("inpaint", cond, method, "std_ring_hu", m["std_ring_hu"], case)
-                self.add("inpaint", cond, method, "seconds", secs, case)
+                self.add_all("inpaint", f"content={content}", "model (RePaint + lesion ControlNet)", case,
+                             outside_identical=outside_identical_fraction(out, ph.hu, mask),
+                             delta_mean_hu=m["contrast_hu"], std_in_hu=m["std_in_hu"], std_ring_hu=m["std_ring_hu"],
+                             seconds=secs)
                 self.log(f"inpaint case {i + 1}/{o.cases} ({case}, {organ_name}, {int(mask.sum())} voxels) "
                          f"{content}: {secs:.1f} s")
+
+    def add_lesion_measures(self, condition: str, method: str, case: str, m: dict, **extra) -> None:
+        self.add_all("lesion", condition, method, case, **extra, contrast_hu=m["contrast_hu"],
+                     abs_contrast_hu=abs(m["contrast_hu"]), threshold_dice=m["threshold_dice"])
 
     def run_lesion(self) -> None:
         from scipy import ndimage
 
-        from .tasks import TaskRequest
-        from .volume import Volume
-
         o = self.opts
-        for i in range(o.cases):
-            local = self.local_mask(i)
-            if local is None:
-                continue
-            ph, mask, organ, ring, near, organ_name = local
-            region, case = ph.region, self.case_name(i)
-            res, secs = self.run_model("lesion", TaskRequest(
-                image=ph.volume(), region=region, mask=Volume(mask.astype(np.uint8), ph.ijk_to_ras),
-                params=self.params("lesion")), controlnet=self.cn["lesion"])
+        for i, ph, mask, ring, near, organ_name in self.local_cases():
+            case = self.case_name(i)
+            res, secs = self.run_local_task("lesion", ph, mask, {})
             out = res.volumes["lesion"].array
-            method = "model (lesion ControlNet)"
             m = lesion_measures(out, mask, ring, near)
-            self.add("lesion", "generated", method, "outside_identical", outside_identical_fraction(out, ph.hu, mask),
-                     case)
-            self.add("lesion", "generated", method, "contrast_hu", m["contrast_hu"], case)
-            self.add("lesion", "generated", method, "abs_contrast_hu", abs(m["contrast_hu"]), case)
-            self.add("lesion", "generated", method, "threshold_dice", m["threshold_dice"], case)
-            self.add("lesion", "generated", method, "seconds", secs, case)
-            b = lesion_measures(ph.hu, mask, ring, near)
-            self.add("lesion", "reference", "input (no lesion)", "contrast_hu", b["contrast_hu"], case)
-            self.add("lesion", "reference", "input (no lesion)", "abs_contrast_hu", abs(b["contrast_hu"]), case)
-            self.add("lesion", "reference", "input (no lesion)", "threshold_dice", b["threshold_dice"], case)
+            self.add_lesion_measures("generated", "model (lesion ControlNet)", case, m,
+                                     outside_identical=outside_identical_fraction(out, ph.hu, mask))
+            self.add("lesion", "generated", "model (lesion ControlNet)", "seconds", secs, case)
+            self.add_lesion_measures("reference", "input (no lesion)", case, lesion_measures(ph.hu, mask, ring, near))
             # the phantom's own inserted lesions, measured the same way
             try:
                 lp = self.phantom(i, "lesion_phantom")
@@ -1022,12 +1017,7 @@ class _Context:
                     if not ring_l.any():
                         continue
                     ml = lesion_measures(lp.hu, lm, ring_l, near_mask(lm, self.spacing, r_mm))
-                    who = f"{name} lesion {c}"
-                    self.add("lesion", "reference", "phantom lesions (each)", "contrast_hu", ml["contrast_hu"], who)
-                    self.add("lesion", "reference", "phantom lesions (each)", "abs_contrast_hu",
-                             abs(ml["contrast_hu"]), who)
-                    self.add("lesion", "reference", "phantom lesions (each)", "threshold_dice", ml["threshold_dice"],
-                             who)
+                    self.add_lesion_measures("reference", "phantom lesions (each)", f"{name} lesion {c}", ml)
             self.log(f"lesion case {i + 1}/{o.cases} ({case}, {organ_name}, {int(mask.sum())} voxels): {secs:.1f} s")
 
 

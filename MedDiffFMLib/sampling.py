@@ -336,9 +336,8 @@ class PatchSampler:
         """Sample the whole volume at window size (one window), then resize it to ``shape``."""
         win = (self.window,) * 3
         small = resize_condition(cond, shape, win)
-        options = self.options
-        x = PatchSampler(self.predictor, options, self.device).sample(win, small, progress=progress,
-                                                                      cancel=cancel, stage=stage)
+        # a volume of exactly one window is sampled as that single window
+        x = self.sample(win, small, progress=progress, cancel=cancel, stage=stage)
         if tuple(shape) == win:
             return x
         return F.interpolate(x[None, None], size=tuple(shape), mode="trilinear", align_corners=True)[0, 0]

@@ -37,6 +37,29 @@ def rotation_about_axis(axis, angle: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * (k @ k)
 
 
+class Recorder:
+    """Progress callback that keeps the fractions; ``cancel`` turns True after ``cancel_after`` reports."""
+
+    def __init__(self, cancel_after=None):
+        self.fractions: list[float] = []
+        self.cancel_after = cancel_after
+
+    def __call__(self, p) -> None:
+        self.fractions.append(p.fraction)
+
+    def cancel(self) -> bool:
+        return self.cancel_after is not None and len(self.fractions) >= self.cancel_after
+
+
+def euler_rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    """3x3 rotation Rz(az) @ Ry(ay) @ Rx(ax), angles in radians."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 # ------------------------------------------------------------------------------- geometry
 @pytest.fixture
 def oblique_ijk_to_ras() -> np.ndarray:
@@ -177,3 +200,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_run_task(monkeypatch):
+    """``install(exc)``: replace run_task (as the CLI looks it up) by the real one interrupted after
+    the first progress report: by its cancel flag (exc=None) or by raising ``exc`` from the
+    callback. Returns the list of progress fractions seen."""
+    import MedDiffFMLib.tasks as tasks
+
+    real = tasks.run_task
+
+    def install(exc):
+        seen = []
+
+        def interrupted(task, request, model=None, **kw):
+            def progress(p):
+                seen.append(p.fraction)
+                if exc is not None:
+                    raise exc()
+
+            kw.update(progress=progress, cancel=lambda: bool(seen))
+            return real(task, request, model, **kw)
+
+        monkeypatch.setattr(tasks, "run_task", interrupted)
+        return seen
+
+    return install

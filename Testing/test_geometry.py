@@ -11,17 +11,11 @@ from MedDiffFMLib.geometry import (
 )
 from MedDiffFMLib.volume import Volume
 
-
-def _rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from conftest import euler_rotation
 
 
 def test_make_and_read_back():
-    d = _rotation(0.3, -0.5, 1.1)
+    d = euler_rotation(0.3, -0.5, 1.1)
     m = make_ijk_to_ras((3.0, 0.8, 0.7), (-10.0, 20.0, 5.5), d)
     np.testing.assert_allclose(spacing_kji(m), [3.0, 0.8, 0.7])
     np.testing.assert_allclose(direction(m), d, atol=1e-12)
@@ -48,7 +42,7 @@ def test_regrid_half_voxel_shift_5mm_to_1mm():
 
 
 def test_regrid_oblique_follows_direction():
-    d = _rotation(0.2, 0.4, -0.7)
+    d = euler_rotation(0.2, 0.4, -0.7)
     m = make_ijk_to_ras((5.0, 0.8, 0.6), (3.0, -4.0, 7.0), d)
     new, shape = regrid(m, (6, 10, 12), (1.0, 0.8, 0.6))
     assert shape == (30, 10, 12)

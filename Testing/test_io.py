@@ -11,23 +11,17 @@ from MedDiffFMLib.geometry import make_ijk_to_ras, voxel_to_ras
 from MedDiffFMLib.io import label_sidecar_path, read_labelmap, read_volume, write_volume
 from MedDiffFMLib.volume import Volume
 
+from conftest import euler_rotation
+
 FORMATS = [".nii", ".nii.gz", ".nrrd", ".mha"]
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _rotation(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 GEOMETRIES = {
-    "oblique": make_ijk_to_ras((1.5, 1.2, 1.0), (-12.5, 33.25, -101.0), _rotation(0.25, -0.4, 0.9)),
+    "oblique": make_ijk_to_ras((1.5, 1.2, 1.0), (-12.5, 33.25, -101.0), euler_rotation(0.25, -0.4, 0.9)),
     "anisotropic": make_ijk_to_ras((3.0, 0.8, 0.7), (120.0, -80.5, 40.0)),
     "flipped": make_ijk_to_ras((2.0, 0.9, 0.6), (5.0, 6.0, 7.0), np.diag([-1.0, 1.0, -1.0])),
-    "oblique_flipped": make_ijk_to_ras((2.5, 0.7, 0.8), (1.0, 2.0, 3.0), _rotation(0.1, 0.2, 0.3) @ np.diag([1.0, -1.0, 1.0])),
+    "oblique_flipped": make_ijk_to_ras((2.5, 0.7, 0.8), (1.0, 2.0, 3.0), euler_rotation(0.1, 0.2, 0.3) @ np.diag([1.0, -1.0, 1.0])),
 }
 
 
@@ -107,7 +101,7 @@ def test_cross_check_simpleitk_write_nibabel_read(tmp_path):
     img = sitk.GetImageFromArray(_image(seed=2))
     img.SetSpacing((0.7, 0.9, 2.5))
     img.SetOrigin((10.0, -20.0, 30.0))
-    d_lps = _rotation(0.3, 0.1, -0.6)
+    d_lps = euler_rotation(0.3, 0.1, -0.6)
     img.SetDirection(d_lps.ravel().tolist())
     path = tmp_path / "itk.nii.gz"
     sitk.WriteImage(img, str(path))
@@ -169,7 +163,7 @@ def _write_dicom_series(folder, hu, spacing_ijk, origin_lps, d_lps, series_uid, 
 def test_dicom_series(tmp_path, caplog):
     rng = np.random.default_rng(4)
     hu = (rng.integers(-512, 1000, size=(4, 6, 5)) * 2).astype(np.int16)  # even: exact with slope 2
-    d_lps = _rotation(0.0, 0.0, 0.35)
+    d_lps = euler_rotation(0.0, 0.0, 0.35)
     folder = tmp_path / "dicom"
     _write_dicom_series(folder, hu, (0.7, 0.8, 3.0), (10.0, -20.0, 30.0), d_lps, "1.2.826.0.1.2")
     # a second, smaller series in the same folder: the larger one must be read

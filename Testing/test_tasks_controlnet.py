@@ -19,6 +19,8 @@ from MedDiffFMLib.tasks import Cancelled, TaskRequest, run_task
 from MedDiffFMLib.tasks.inpaint import repaint_schedule
 from MedDiffFMLib.volume import Volume
 
+from conftest import Recorder
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REGION = "abdomen"
@@ -33,20 +35,6 @@ UNKNOWN_NAME = "unicorn_gland"
 
 
 # ----------------------------------------------------------------------------- helpers
-class Recorder:
-    """Progress callback that keeps the fractions; ``cancel`` turns True after ``cancel_after`` reports."""
-
-    def __init__(self, cancel_after=None):
-        self.fractions: list[float] = []
-        self.cancel_after = cancel_after
-
-    def __call__(self, p) -> None:
-        self.fractions.append(p.fraction)
-
-    def cancel(self) -> bool:
-        return self.cancel_after is not None and len(self.fractions) >= self.cancel_after
-
-
 def centre_ras(m, shape) -> np.ndarray:
     return voxel_to_ras(m, np.array([(shape[2] - 1) / 2, (shape[1] - 1) / 2, (shape[0] - 1) / 2]))[0]
 
@@ -334,32 +322,11 @@ def cli_files(tmp_path, task_phantom):
     return ct, mask
 
 
-def _interrupting_run_task(monkeypatch, exc):
-    """run_task as the CLI looks it up, interrupted after the first progress report: by its cancel
-    flag (exc=None) or by ``exc`` raised from the progress callback."""
-    import MedDiffFMLib.tasks as tasks
-
-    real = tasks.run_task
-    seen = []
-
-    def interrupted(task, request, model=None, **kw):
-        def progress(p):
-            seen.append(p.fraction)
-            if exc is not None:
-                raise exc()
-
-        kw.update(progress=progress, cancel=lambda: bool(seen))
-        return real(task, request, model, **kw)
-
-    monkeypatch.setattr(tasks, "run_task", interrupted)
-    return seen
-
-
 @pytest.mark.parametrize("task,exc", [("lesion", None), ("inpaint", KeyboardInterrupt), ("superres", None)])
-def test_cli_interrupted_run_writes_nothing(monkeypatch, cli_files, tiny_model_dir, tiny_controlnet_dirs, capsys,
+def test_cli_interrupted_run_writes_nothing(interrupt_run_task, cli_files, tiny_model_dir, tiny_controlnet_dirs, capsys,
                                             task, exc):
     ct, mask = cli_files
-    seen = _interrupting_run_task(monkeypatch, exc)
+    seen = interrupt_run_task(exc)
     before = sorted(p.name for p in ct.parent.iterdir())
     out = ct.parent / f"out_{task}.nii.gz"
     argv = [task, str(ct), "-o", str(out), "--model", str(tiny_model_dir), "--controlnet",

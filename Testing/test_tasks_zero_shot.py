@@ -16,6 +16,8 @@ from MedDiffFMLib.geometry import make_ijk_to_ras, regrid
 from MedDiffFMLib.tasks import Cancelled, TaskRequest, run_task
 from MedDiffFMLib.volume import Volume
 
+from conftest import Recorder
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 REGION = "abdomen"
@@ -32,20 +34,6 @@ UNNAMED_LABEL = 249
 
 
 # ----------------------------------------------------------------------------- helpers
-class Recorder:
-    """Progress callback that keeps the fractions; ``cancel`` turns True after ``cancel_after`` reports."""
-
-    def __init__(self, cancel_after=None):
-        self.fractions: list[float] = []
-        self.cancel_after = cancel_after
-
-    def __call__(self, p) -> None:
-        self.fractions.append(p.fraction)
-
-    def cancel(self) -> bool:
-        return self.cancel_after is not None and len(self.fractions) >= self.cancel_after
-
-
 def image_of(ph, writeable: bool = True) -> Volume:
     arr = np.array(ph.hu, dtype=np.float32, copy=True)
     arr.flags.writeable = writeable
@@ -242,27 +230,6 @@ def _cli(task, ct_file, out, model, *extra):
                      "--region", REGION, "--steps", "2", *extra])
 
 
-def _interrupting_run_task(monkeypatch, exc):
-    """Replace run_task (as the CLI looks it up) by the real one that is interrupted after the
-    first progress report: by its cancel flag (exc=None) or by raising ``exc`` from the callback."""
-    import MedDiffFMLib.tasks as tasks
-
-    real = tasks.run_task
-    seen = []
-
-    def interrupted(task, request, model=None, **kw):
-        def progress(p):
-            seen.append(p.fraction)
-            if exc is not None:
-                raise exc()
-
-        kw.update(progress=progress, cancel=lambda: bool(seen))
-        return real(task, request, model, **kw)
-
-    monkeypatch.setattr(tasks, "run_task", interrupted)
-    return seen
-
-
 def test_cli_denoise_writes_its_output(tmp_path, ct_file, tiny_model_dir, capsys):
     out = tmp_path / "in" / "den.nii.gz"
     assert _cli("denoise", ct_file, out, tiny_model_dir) == 0
@@ -274,8 +241,8 @@ def test_cli_denoise_writes_its_output(tmp_path, ct_file, tiny_model_dir, capsys
 
 @pytest.mark.parametrize("task,exc", [("denoise", None), ("anomaly", KeyboardInterrupt),
                                       ("denoise", KeyboardInterrupt), ("anomaly", None)])
-def test_cli_interrupted_run_writes_nothing(monkeypatch, tmp_path, ct_file, tiny_model_dir, capsys, task, exc):
-    seen = _interrupting_run_task(monkeypatch, exc)
+def test_cli_interrupted_run_writes_nothing(interrupt_run_task, tmp_path, ct_file, tiny_model_dir, capsys, task, exc):
+    seen = interrupt_run_task(exc)
     before = sorted(p.name for p in ct_file.parent.iterdir())
     out = ct_file.parent / f"result_{task}.nii.gz"
     assert _cli(task, ct_file, out, tiny_model_dir) == 130

@@ -77,8 +77,7 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
         recons.append(sampler.sample(grid.shape, cond, x_init=y, t_start=t_start, progress=sub, cancel=cancel,
                                      stage=f"reconstruction {r + 1}/{n}"))
     recon = torch.stack(recons).mean(0).numpy()
-    body_hu = preprocessing.resample_to_grid(image.array, image.ijk_to_ras, grid.shape, grid.ijk_to_ras, order=1)
-    body = preprocessing.estimate_body_mask(body_hu)
+    body = preprocessing.estimate_body_mask(grid.hu)
     if groups is not None:
         body |= groups.numpy() > 0
     if not body.any():

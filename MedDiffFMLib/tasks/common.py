@@ -79,7 +79,8 @@ def sampler_for(predictor: NoisePredictor, params: dict, device: torch.device, *
 def resolve_region(request: TaskRequest, image: Optional[Volume]) -> str:
     if request.region in (None, "", "auto"):
         if image is None:
-            raise ValueError("region 'auto' needs an image to guess from; give the region")
+            raise ValueError("region 'auto' needs an image to guess from; give the region "
+                             f"({', '.join(preprocessing.REGIONS)})")
         return preprocessing.guess_region(image.array, image.ijk_to_ras)
     return preprocessing.check_region(request.region)
 
@@ -91,13 +92,14 @@ class ModelGrid:
     ijk_to_ras: np.ndarray
     shape: tuple[int, int, int]
     unit: Optional[np.ndarray] = None  # image in model units, when there is an image
+    hu: Optional[np.ndarray] = None  # the same image in HU, before windowing (it may be the input itself)
 
 
 def to_model_grid(image: Volume, spacing_mm: float, region: str) -> ModelGrid:
     """Resample (linear) to the model spacing and window to [-1, 1]."""
     arr, m = preprocessing.resample(image.array.astype(np.float32, copy=False), image.ijk_to_ras,
                                     (spacing_mm,) * 3, order=1)
-    return ModelGrid(m, tuple(arr.shape), preprocessing.hu_to_unit(arr, region))
+    return ModelGrid(m, tuple(arr.shape), preprocessing.hu_to_unit(arr, region), arr)
 
 
 def grid_only(reference: Volume, spacing_mm: float) -> ModelGrid:

@@ -14,7 +14,7 @@ from ..geometry import make_ijk_to_ras
 from ..sampling import Condition
 from ..volume import Volume
 from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult, check_image
-from .common import anatomy_on_grid, back_to_input_grid, grid_only, region_index, sampler_for
+from .common import anatomy_on_grid, back_to_input_grid, grid_only, region_index, resolve_region, sampler_for
 
 PARAMS = {
     **COMMON_PARAMS,
@@ -38,13 +38,7 @@ def run(request: TaskRequest, params: dict, predictor, device, progress=None, ca
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"shape must be 3 positive integers (k, j, i), got {shape}")
         reference = Volume(np.zeros(shape, np.float32), make_ijk_to_ras(spacing))
-    if request.region in (None, "", "auto"):
-        if request.image is None:
-            raise ValueError("synthesis needs a region (head_neck, chest or abdomen)")
-        from .common import resolve_region
-        region = resolve_region(request, request.image)
-    else:
-        region = preprocessing.check_region(request.region)
+    region = resolve_region(request, request.image)
     grid = grid_only(reference, cfg.spacing_mm)
     groups, unknown = anatomy_on_grid(request, grid)
     cond = Condition(region=region_index(region), anatomy=groups)
