@@ -52,9 +52,9 @@ def add_lesions(b: Builder, region: str, organs: tuple[str, ...], count: int, de
                     continue
             centre = b.rng.uniform(lo, hi)
             ring = centre + 0.9 * radius * probes
-            if not (host.shape.inside(centre[:, None].astype(np.float32))[0]
-                    and host.shape.inside(ring.T.astype(np.float32)).all()):
-                continue
+            top = _top_label_names(b.structures, np.vstack([centre, ring]))
+            if top[0] != host.label_name or np.mean(top[1:] == host.label_name) < 0.9:
+                continue  # the organ, as painted, must hold the lesion (later structures cover earlier ones)
             if within is not None and not _inside_grid(centre, radius, deformation, *within):
                 continue
             break
@@ -80,6 +80,15 @@ def _lesion_shape(b: Builder, centre: np.ndarray, radius: float, kind: str):
         return StarBlob(centre, b.vary(np.full(3, radius), 0.15), b.rotation(np.pi), b.harmonics(5, 0.22, 4.0))
     offsets = b.rng.normal(0.0, 0.45 * radius, (4, 3))
     return Metaballs(centre + offsets, np.full(4, 0.55 * radius), np.ones(4), level=0.6)
+
+
+def _top_label_names(structures: list[Structure], points: np.ndarray) -> np.ndarray:
+    """The class name painted last at each (N, 3) point of the deformed space."""
+    names = np.full(len(points), "", dtype=object)
+    p = points.T.astype(np.float32)
+    for s in structures:
+        names[s.shape.inside(p)] = s.label_name
+    return names
 
 
 def _grid_box(ijk_to_ras: np.ndarray, shape_kji, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:

@@ -172,7 +172,13 @@ def render_plan(plan: PhantomPlan, ijk_to_ras, shape_kji: Sequence[int],
                 if box is None:
                     return None
                 (k0, k1), (j0, j1), (i0, i1) = box
-                mask = (kk >= k0) & (kk < k1) & (jj >= j0) & (jj < j1) & (ii >= i0) & (ii < i1)
+                # voxels come sorted by k: the box's slices are one contiguous run of them
+                first, last = np.searchsorted(kk, k0), np.searchsorted(kk, k1)
+                if first >= last:
+                    return None
+                mask = np.zeros(len(kk), dtype=bool)
+                j_run, i_run = jj[first:last], ii[first:last]
+                mask[first:last] = (j_run >= j0) & (j_run < j1) & (i_run >= i0) & (i_run < i1)
                 return (slice(None), mask) if mask.any() else None
 
             painted = paint(plan, deformed, where)
