@@ -117,6 +117,8 @@ def run_demo(output: str | Path = "demo_output", model=None, device: str = "auto
     k = case.clean_hu.shape[0] // 2
     io.write_volume(out / "denoise_input.nii.gz", case.volume(noisy))
     io.write_volume(out / "denoise_output.nii.gz", primary_volume("denoise", res))
+    io.write_volume(out / "denoise_truth.nii.gz", case.volume())
+    io.write_volume(out / "denoise_body.nii.gz", Volume(body.astype(np.uint8), case.ijk_to_ras))
     write_preview(out / "denoise.png", [("ct", noisy[k]), ("ct", denoised[k]), ("difference", denoised[k] - noisy[k])],
                   case.region)
 

@@ -23,7 +23,7 @@ def _directions() -> np.ndarray:
 
 
 def add_lesions(b: Builder, region: str, organs: tuple[str, ...], count: int, deformation: Deformation,
-                within: Optional[tuple[np.ndarray, tuple[int, int, int]]] = None, attempts: int = 2000) -> list[LesionRecord]:
+                within: Optional[tuple[np.ndarray, tuple[int, int, int]]] = None, attempts: int = 1000) -> list[LesionRecord]:
     """Append ``count`` lesion structures to ``b`` inside the plan's ``organs``; their records.
 
     Args:
@@ -38,11 +38,17 @@ def add_lesions(b: Builder, region: str, organs: tuple[str, ...], count: int, de
         raise ValueError(f"none of the lesion organs {organs} is in this phantom")
     records = []
     probes = _directions()
+    largest_mm = DIAMETER_RANGE_MM[1]
+    if within is not None:  # a lesion must fit inside the grid
+        extent_mm = np.asarray(within[1], dtype=np.float64)[::-1] * np.linalg.norm(within[0][:3, :3], axis=0)
+        largest_mm = float(np.clip(0.6 * extent_mm.min(), DIAMETER_RANGE_MM[0], DIAMETER_RANGE_MM[1]))
     for _ in range(count):
-        diameter = float(np.exp(b.rng.uniform(*np.log(DIAMETER_RANGE_MM))))
-        radius = diameter / 2.0
+        diameter = float(np.exp(b.rng.uniform(np.log(DIAMETER_RANGE_MM[0]), np.log(largest_mm))))
         kind = "irregular" if b.rng.random() < 0.5 else "round"
-        for _try in range(attempts):
+        for attempt in range(attempts):
+            if attempt and attempt % 250 == 0:  # no room this size: try smaller, down to 3 mm
+                diameter = max(DIAMETER_RANGE_MM[0], 0.7 * diameter)
+            radius = diameter / 2.0
             host = hosts[int(b.rng.integers(len(hosts)))]
             lo, hi = host.shape.bounds()
             if within is not None:  # only where the grid is (give or take the deformation)
@@ -51,15 +57,16 @@ def add_lesions(b: Builder, region: str, organs: tuple[str, ...], count: int, de
                 if np.any(lo >= hi):
                     continue
             centre = b.rng.uniform(lo, hi)
-            ring = centre + 0.9 * radius * probes
-            top = _top_label_names(b.structures, np.vstack([centre, ring]))
-            if top[0] != host.label_name or np.mean(top[1:] == host.label_name) < 0.9:
-                continue  # the organ, as painted, must hold the lesion (later structures cover earlier ones)
+            if not host.shape.inside(centre[:, None].astype(np.float32))[0]:
+                continue  # cheap test first
             if within is not None and not _inside_grid(centre, radius, deformation, *within):
                 continue
-            break
+            ring = centre + 0.9 * radius * probes
+            top = _top_label_names(b.structures, np.vstack([centre, ring]))
+            if top[0] == host.label_name and np.mean(top[1:] == host.label_name) >= 0.9:
+                break  # the organ, as painted (later structures cover earlier ones), holds the lesion
         else:
-            raise ValueError(f"no room for a {diameter:.0f} mm lesion in {organs} (within the grid)")
+            raise ValueError(f"no room for a lesion in {organs} (within the grid)")
         shape = _lesion_shape(b, centre, radius, kind)
         if host.label_name.startswith("lung"):
             hu, contrast = b.uniform(*LUNG_NODULE_HU), None
