@@ -80,10 +80,10 @@ def test_numbers_match_an_independent_computation(result):
     expected = 10 * np.log10((hi - lo) ** 2 / np.mean(err ** 2))
     row = bm.find_row(result, "heldout", "denoise", "25 HU noise", "noisy input", "psnr_db")
     assert row["values"][0] == pytest.approx(expected, rel=1e-6) and row["cases"] == [case.name]
-    # a slab's mean of a linear interpolation of slab means is not the slab mean: it is measured as > 0
+    # interpolating slab means does not give back the slab means of curved content: measured, not assumed
     sr = [r for r in result["rows"] if r["family"] == "heldout" and r["section"] == "superres"
           and r["metric"] == "slab_max_error_hu"]
-    assert all(r["mean"] >= 0 for r in sr)
+    assert len(sr) == 3 and all(r["mean"] > 0 for r in sr if r["method"] != "model (ControlNet)")
 
 
 def test_tables_markdown_and_json(result, tmp_path):
