@@ -25,7 +25,7 @@ from .benchmark.task_facts import primary_segmentation, primary_volume, superres
 from .geometry import regrid
 from .volume import Volume
 
-HELD_OUT_SEED = 300_001
+HELD_OUT_SEED = 100_001  # any seed is unseen for the held-out family; the CLI uses this one too
 FOV_MM = (30.0, 120.0, 120.0)  # (k, j, i): small enough for two minutes on two cores
 INPLANE_MM = 0.78
 SLICE_MM = 2.5

@@ -37,6 +37,7 @@ def section_tables(result: dict):
             metric_keys = sorted(OrderedDict.fromkeys(r["metric"] for r in recs), key=list(METRICS).index)
             keys = list(OrderedDict.fromkeys((r["condition"], r["method"]) for r in recs))
             conditions = list(OrderedDict.fromkeys(c for c, _ in keys))
+            conditions.sort(key=lambda c: c.startswith("all "))  # pooled rows ("all volumes", ...) last
             keys.sort(key=lambda k: conditions.index(k[0]))  # stable: methods keep their order
             index = {(r["condition"], r["method"], r["metric"]): r for r in recs}
             header = ["condition", "method"] + [METRICS[m][0] for m in metric_keys] + ["n"]

@@ -260,25 +260,6 @@ class Difference:
         return self.outer.bounds()
 
 
-@dataclass
-class Intersection:
-    """Inside both: an organ kept within the body cavity, a vessel within a lung."""
-
-    first: Shape
-    second: Shape
-
-    def shrunk(self, mm: float) -> "Intersection":
-        """Shrinks the first shape only: the second is the container it is kept within."""
-        return Intersection(self.first.shrunk(mm), self.second)  # type: ignore[attr-defined]
-
-    def inside(self, points: np.ndarray) -> np.ndarray:
-        return self.first.inside(points) & self.second.inside(points)
-
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        (lo1, hi1), (lo2, hi2) = self.first.bounds(), self.second.bounds()
-        return np.maximum(lo1, lo2), np.minimum(hi1, hi2)
-
-
 def shell(shape, thickness_mm: float) -> Difference:
     """The outer ``thickness_mm`` of a shape that can be shrunk."""
     return Difference(shape, shape.shrunk(thickness_mm))
