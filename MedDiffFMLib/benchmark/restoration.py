@@ -56,7 +56,7 @@ def _truth_edges(truth, window, spacing, body):
 
 
 def _tuned_sigma(ctx, family: str, region: str, level: float) -> float:
-    key = ("gaussian", family, region, level)
+    key = f"{family} {region} {level:g} HU"
     if key not in ctx.meta.setdefault("gaussian_sigma_mm", {}):
         seed = tuning_seed(ctx.opts.seed_start, region)
         tune = ctx._cases.get(("tune", family, region))
