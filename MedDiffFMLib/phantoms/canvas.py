@@ -179,7 +179,7 @@ class Canvas:
     def ellipsoid(self, centre, semi, angle=0.0, label=None, tissue=None, over=(BODY,), extra=None):
         """Paint an ellipsoid (semi-axes along the in-plane axes rotated by ``angle``, and T).
 
-        ``extra(U, V, T)`` may return a further mask to AND in. Returns the box and mask.
+        ``extra(U, V, T, sl)`` may return a further mask to AND in. Returns the box and mask.
         """
         cu, cv, ct = centre
         a, b, h = semi
@@ -194,16 +194,19 @@ class Canvas:
             du, dv = ca * du + sa * dv, -sa * du + ca * dv
         mask = (du / a) ** 2 + (dv / b) ** 2 + ((T - ct) / h) ** 2 < 1.0
         if extra is not None:
-            mask = mask & extra(U, V, T)
+            mask = mask & extra(U, V, T, sl)
         if tissue is not None or label is not None:
             self.paint(sl, mask, label, tissue, over)
         return sl, mask
 
     def tube(self, points, radii, label=None, tissue=None, over=(BODY,), extra=None):
-        """Paint a tube along a polyline; ``radii`` per point, linearly interpolated."""
+        """Paint a tube along a polyline; ``radii`` per point, linearly interpolated.
+
+        ``extra(U, V, T, sl)`` may return a further mask to AND in.
+        """
         pts = np.asarray(points, float)
         rad = np.broadcast_to(np.asarray(radii, float), (len(pts),))
-        for (pa, ra), (pb, rb) in zip(zip(pts[:-1], rad[:-1]), zip(pts[1:], rad[1:])):
+        for (pa, ra), (pb, rb) in zip(zip(pts[:-1].tolist(), rad[:-1].tolist()), zip(pts[1:].tolist(), rad[1:].tolist())):
             rm = max(ra, rb)
             lo = np.minimum(pa, pb) - rm
             hi = np.maximum(pa, pb) + rm
@@ -211,13 +214,14 @@ class Canvas:
             if sl is None:
                 continue
             U, V, T = self.coords(sl)
-            d = pb - pa
-            dd = float(d @ d) or 1e-12
-            s = np.clip(((U - pa[0]) * d[0] + (V - pa[1]) * d[1] + (T - pa[2]) * d[2]) / dd, 0.0, 1.0)
+            d = [b_ - a_ for a_, b_ in zip(pa, pb)]
+            dd = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) or 1e-12
+            # python floats keep the arithmetic in float32
+            s = np.clip(((U - pa[0]) * (d[0] / dd) + (V - pa[1]) * (d[1] / dd) + (T - pa[2]) * (d[2] / dd)), 0.0, 1.0)
             dist2 = (U - pa[0] - s * d[0]) ** 2 + (V - pa[1] - s * d[1]) ** 2 + (T - pa[2] - s * d[2]) ** 2
             mask = dist2 < (ra + s * (rb - ra)) ** 2
             if extra is not None:
-                mask = mask & extra(U, V, T)
+                mask = mask & extra(U, V, T, sl)
             self.paint(sl, mask, label, tissue, over)
 
     def hollow_tube(self, points, radii, wall, label, wall_tissue, lumen_tissue, over=(BODY,), extra=None):
@@ -250,16 +254,27 @@ def bezier(p0, p1, p2, n=24):
     return (1 - s) ** 2 * np.asarray(p0) + 2 * (1 - s) * s * np.asarray(p1) + s ** 2 * np.asarray(p2)
 
 
-def polyline_dist2d(U, V, pts):
-    """Distance from points (U, V) to a 2-D polyline, and which side (+1 left of travel)."""
-    best = np.full(np.broadcast(U, V).shape, np.inf)
-    side = np.zeros_like(best)
-    for a, b in zip(pts[:-1], pts[1:]):
-        d = b - a
-        s = np.clip(((U - a[0]) * d[0] + (V - a[1]) * d[1]) / float(d @ d), 0, 1)
-        du, dv = U - a[0] - s * d[0], V - a[1] - s * d[1]
-        dist = np.hypot(du, dv)
-        closer = dist < best
-        best = np.where(closer, dist, best)
-        side = np.where(closer, np.sign(d[0] * (V - a[1]) - d[1] * (U - a[0])), side)
+def polyline_dist2d(U, V, pts, reach: float = np.inf):
+    """Distance from points (U, V) to a 2-D polyline, and which side (+1 left of travel).
+
+    Points farther than ``reach`` from the polyline's bounding box get distance inf.
+    """
+    U, V = np.broadcast_arrays(U, V)
+    best = np.full(U.shape, np.inf, np.float32)
+    side = np.zeros(U.shape, np.float32)
+    lo, hi = pts.min(axis=0) - reach, pts.max(axis=0) + reach
+    near = np.flatnonzero(((U >= lo[0]) & (U <= hi[0]) & (V >= lo[1]) & (V <= hi[1])).ravel())
+    u, v = U.ravel()[near], V.ravel()[near]
+    b_near = np.full(near.size, np.inf, np.float32)
+    s_near = np.zeros(near.size, np.float32)
+    for a, b in zip(pts[:-1].tolist(), pts[1:].tolist()):
+        d0, d1 = b[0] - a[0], b[1] - a[1]
+        dd = d0 * d0 + d1 * d1
+        s = np.clip((u - a[0]) * (d0 / dd) + (v - a[1]) * (d1 / dd), 0, 1)
+        dist = np.hypot(u - a[0] - s * d0, v - a[1] - s * d1)
+        closer = dist < b_near
+        b_near[closer] = dist[closer]
+        s_near[closer] = np.sign(d0 * (v[closer] - a[1]) - d1 * (u[closer] - a[0]))
+    best.ravel()[near] = b_near
+    side.ravel()[near] = s_near
     return best, side

@@ -45,11 +45,11 @@ def anatomy_field(key, points: np.ndarray, cell: float) -> np.ndarray:
     g = np.random.default_rng(list(key))
     freqs = g.standard_normal((N_MODES, 3)) / cell
     phases = g.uniform(0.0, 2 * math.pi, N_MODES)
-    pts = np.asarray(points, np.float64)
-    out = np.zeros(pts.shape[:-1], np.float64)
-    for w, ph in zip(freqs, phases):
+    pts = np.asarray(points, np.float32)
+    out = np.zeros(pts.shape[:-1], np.float32)
+    for w, ph in zip(freqs.astype(np.float32), phases.astype(np.float32)):
         out += np.cos(pts @ w + ph)
-    return (out * math.sqrt(2.0 / N_MODES)).astype(np.float32)
+    return out * np.float32(math.sqrt(2.0 / N_MODES))
 
 
 def coarse_indices(start: int, stop: int, step: int) -> np.ndarray:

@@ -55,7 +55,7 @@ def build_head(cv: Canvas, p: dict) -> None:
         cv.ellipsoid(ec, (0.16, 0.16, 0.15), 0.0, RESERVED, T_EYE)
         cv.ellipsoid((ec[0], ec[1] + 0.05, 0.0), (0.23, 0.27, 0.2), 0.0, RESERVED, T_FAT)
         cv.ellipsoid((ec[0], ec[1] + 0.08, 0.0), (0.28, 0.3, 0.25), 0.0, lab("skull"), T_CORT,
-                     extra=lambda U, V, T: V > v_eye - 0.05)
+                     extra=lambda U, V, T, sl: V > v_eye - 0.05)
         cv.ellipsoid((0.3 * side, -(bh - 0.4), -0.28), (0.16, 0.2, 0.17), 0.0, RESERVED, T_AIR)
         cv.ellipsoid((0.3 * side, -(bh - 0.4), -0.28), (0.2, 0.24, 0.21), 0.0, lab("skull"), T_CORT)
     cv.ellipsoid((0, -(bh - 0.25), -0.22), (0.09, 0.34, 0.24), 0.0, RESERVED, T_AIR)
@@ -146,8 +146,8 @@ def build_head(cv: Canvas, p: dict) -> None:
                 RESERVED, T_VEIN)
         # sternocleidomastoid in a fat plane
         scm = [(0.6 * side, 0.32, -0.28), (0.52 * side, -0.12, -0.9), (0.22 * side, -0.45, -1.55)]
-        cv.tube(scm, 0.13, BODY, T_FAT, extra=lambda U, V, T: T < -0.15)
-        cv.tube(scm, 0.095, BODY, T_MUSCLE, extra=lambda U, V, T: T < -0.15)
+        cv.tube(scm, 0.13, BODY, T_FAT, extra=lambda U, V, T, sl: T < -0.15)
+        cv.tube(scm, 0.095, BODY, T_MUSCLE, extra=lambda U, V, T, sl: T < -0.15)
         # posterior triangle fat
         cv.ellipsoid((0.48 * side, 0.4, -0.9), (0.14, 0.12, 0.4), 0.0, BODY, T_FAT)
 

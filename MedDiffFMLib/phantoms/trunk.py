@@ -52,12 +52,10 @@ def build_trunk(cv: Canvas, p: dict) -> None:
         dome = t_dR + (t_dL - t_dR) * smoothstep((U + 0.15) / 0.3)
         return dome - 0.9 * (np.abs(U) - 0.42) ** 2 - 1.0 * np.maximum(V + 0.1, 0) ** 2
 
-    def inside_rim(U, V):  # room for organs: deeper than the muscle rim
-        rho = np.maximum(superellipse_rho(U, V, 1.0, bc, bc), 1e-6)
-        return np.hypot(U, V) * (1 / rho - 1) > rim
+    room = depth_c > rim  # room for organs: deeper than the muscle rim
 
-    def below_diaph(U, V, T):
-        return inside_rim(U, V) & (T < t_diaph(U, V) - 0.025)
+    def below_diaph(U, V, T, sl):
+        return room[sl] & (T < t_diaph(U, V) - 0.025)
 
     # -- spine --------------------------------------------------------------------------------
     t_T1 = 11.5 * pT
@@ -116,7 +114,7 @@ def build_trunk(cv: Canvas, p: dict) -> None:
     sl = cv.box(-0.8, 0.8, v_vb + 0.1, bc, t_lo, t_hi)
     if sl is not None:
         U, V, T = cv.coords(sl)
-        mask = (V > v_vb + 0.16) & below_diaph(U, V, T) & (np.abs(U) > 0.3)
+        mask = (V > v_vb + 0.16) & below_diaph(U, V, T, sl) & (np.abs(U) > 0.3)
         cv.paint(sl, mask, RESERVED, T_MUSCLE)
 
     # -- pelvis: iliac wings with iliacus inside and gluteus medius outside -------------------
@@ -129,7 +127,7 @@ def build_trunk(cv: Canvas, p: dict) -> None:
             if sl is None:
                 continue
             U, V, T = cv.coords(sl)
-            d2, s2 = polyline_dist2d(U, V, pts)
+            d2, s2 = polyline_dist2d(U, V, pts, reach=0.18)
             s2 = s2 * side  # +1 towards the body centre for both sides
             # The wing tapers towards the crest.
             thick = 0.035 * np.clip((t_crest - T) / 0.15, 0.4, 1.0)
@@ -193,7 +191,7 @@ def build_trunk(cv: Canvas, p: dict) -> None:
     hsemi = (0.5 * hs, 0.34 * hs, 0.4 * hs)
     ha = p["heart_angle"]
 
-    def above_diaph(U, V, T):
+    def above_diaph(U, V, T, sl):
         return T > t_diaph(U, V) + 0.02
 
     cv.ellipsoid(hc, (0.72 * hsemi[0], 0.65 * hsemi[1], 0.72 * hsemi[2]), ha, lab("heart"), T_HEART_BLOOD,
@@ -243,7 +241,7 @@ def build_trunk(cv: Canvas, p: dict) -> None:
     srad = np.array([0.2, 0.19, 0.15, 0.1, 0.06]) * st
     cv.hollow_tube(sp, srad, 0.025, lab("stomach"), T_GUTWALL, T_FLUID, extra=below_diaph)
     lvl = p["stomach_level"]
-    cv.tube(sp, srad - 0.025, None, T_GAS, over=(lab("stomach"),), extra=lambda U, V, T: V < lvl)
+    cv.tube(sp, srad - 0.025, None, T_GAS, over=(lab("stomach"),), extra=lambda U, V, T, sl: V < lvl)
     # Duodenum: C-loop around the pancreatic head.
     duo = [(-0.15, -0.36, t_dL - 0.72), (-0.3, -0.24, t_pv - 0.02), (-0.33, -0.08, t_pv - 0.3),
            (-0.18, -0.1, t_pv - 0.5), (0.12, -0.14, t_pv - 0.5), (0.2, -0.22, t_pv - 0.25)]
@@ -268,7 +266,7 @@ def build_trunk(cv: Canvas, p: dict) -> None:
         f2 = cv.field(0.16, sb)
         r2f = f1 * f1 + f2 * f2
         w2 = 1.6 * p["bowel_fill"]
-        zone = below_diaph(U, V, T) & (V < v_vb - 0.05) & (T < -0.3 - 0.2 * np.clip(U + 0.2, 0, 1))
+        zone = below_diaph(U, V, T, sb) & (V < v_vb - 0.05) & (T < -0.3 - 0.2 * np.clip(U + 0.2, 0, 1))
         cv.paint(sb, zone & (r2f < w2), lab("small_bowel"), T_GUTWALL)
         cv.paint(sb, zone & (r2f < 0.45 * w2), lab("small_bowel"), T_BOWEL, over=(lab("small_bowel"),))
 
