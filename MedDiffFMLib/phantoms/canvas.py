@@ -55,14 +55,16 @@ class Canvas:
         shape: (k, j, i) sample counts.
         place: the frame's placement in RAS.
         deform: displacement std in frame units at the coarse and the fine scale (0: none).
-        seed: phantom seed (keys of the anatomy fields).
+        seed: phantom seed (keys of the deformation fields).
         stream: random stream of the anatomy fields.
+        pattern_seed: seed of the anatomy fields (bowel loops, gas, vessel trees, gyri);
+            default ``seed``.
     """
 
     DEFORM_CELLS = (0.6, 0.3)  # correlation lengths of the deformation, frame units
 
     def __init__(self, sample_to_ras: np.ndarray, shape, place: Placement, deform=(0.0, 0.0), *,
-                 seed: int, stream: int):
+                 seed: int, stream: int, pattern_seed: int | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.unit = float(place.unit_mm)
         m = np.asarray(sample_to_ras, np.float64)
@@ -75,6 +77,7 @@ class Canvas:
         self.b = g @ (m[:3, 3] - np.asarray(place.origin_ras, float)) + np.asarray(place.offset, float)
         self.A_inv = np.linalg.inv(self.A)
         self.seed, self.stream, self._counter = seed, stream, 0
+        self.pattern_seed = seed if pattern_seed is None else pattern_seed
         kk, jj, ii = (np.arange(n, dtype=np.float32) for n in self.shape)
         U, V, T = (np.float32(self.A[r, 0]) * kk[:, None, None] + np.float32(self.A[r, 1]) * jj[None, :, None]
                    + (np.float32(self.A[r, 2]) * ii + np.float32(self.b[r]))[None, None, :] for r in range(3))
@@ -108,16 +111,16 @@ class Canvas:
 
     def _key(self) -> tuple[int, int, int]:
         self._counter += 1
-        return F.field_key(self.seed, self.stream, self._counter)
+        return F.field_key(self.pattern_seed, self.stream, self._counter)
 
     def _deformation(self, amps):
         full = tuple(slice(0, n) for n in self.shape)
         step = self.steps(min(self.DEFORM_CELLS))
         out = []
-        for _comp in range(3):
+        for comp in range(3):
             total = 0.0
-            for cell, amp in zip(self.DEFORM_CELLS, amps):
-                key = self._key()  # drawn even at zero amplitude: keys do not depend on the amplitudes
+            for scale, (cell, amp) in enumerate(zip(self.DEFORM_CELLS, amps)):
+                key = F.field_key(self.seed, self.stream, 10 ** 6 + 2 * comp + scale)
                 if amp > 0:
                     total = total + amp * F.field_on_grid(key, self.undeformed, cell, step, full)
             out.append(np.asarray(total, np.float32))

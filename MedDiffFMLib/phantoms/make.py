@@ -119,7 +119,7 @@ def make_phantom(region: str, shape_kji=(64, 64, 64), spacing_kji=(1.0, 1.0, 1.0
     sample_shape = tuple(n * f for n, f in zip(shape, factors))
     deform = p["deform"] if var.deformation else (0.0, 0.0)
     cv = Canvas(sample_matrix(matrix, factors), sample_shape, placement(region, p, shape, spacing, matrix, fov_fill),
-                deform, seed=seed, stream=STREAM_ANATOMY)
+                deform, seed=seed, stream=STREAM_ANATOMY, pattern_seed=seed if var.organs else 0)
     (build_head if region == "head_neck" else build_trunk)(cv, p)
     cv.labels[cv.labels == RESERVED] = BODY
     hu_s = render(cv, p, var, tissue_hu(p), rng(seed, STREAM_TEXTURE))

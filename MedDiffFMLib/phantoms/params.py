@@ -136,8 +136,9 @@ def check_matrix(ijk_to_ras, spacing) -> np.ndarray:
 def common_params(generator: np.random.Generator, var: Variation) -> dict:
     d = Draw(generator)
     tex, org = var.texture, var.organs
+    phase = PHASES[int(generator.integers(len(PHASES)))]  # drawn always: later draws keep their place
     p = {
-        "phase": PHASES[int(generator.integers(len(PHASES)))] if var.contrast_phase else "native",
+        "phase": phase if var.contrast_phase else "native",
         "blood_u": d(0.0, 1.0, var.contrast_phase),
         "hu_lung": d(-890, -855, tex),
         "hu_fat": d(-110, -85, tex),
