@@ -209,7 +209,8 @@ class Canvas:
         """
         pts = np.asarray(points, float)
         rad = np.broadcast_to(np.asarray(radii, float), (len(pts),))
-        for (pa, ra), (pb, rb) in zip(zip(pts[:-1].tolist(), rad[:-1].tolist()), zip(pts[1:].tolist(), rad[1:].tolist())):
+        pts_l, rad_l = pts.tolist(), rad.tolist()  # python floats keep the arithmetic in float32
+        for pa, pb, ra, rb in zip(pts_l[:-1], pts_l[1:], rad_l[:-1], rad_l[1:]):
             rm = max(ra, rb)
             lo = np.minimum(pa, pb) - rm
             hi = np.maximum(pa, pb) + rm
@@ -219,7 +220,6 @@ class Canvas:
             U, V, T = self.coords(sl)
             d = [b_ - a_ for a_, b_ in zip(pa, pb)]
             dd = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) or 1e-12
-            # python floats keep the arithmetic in float32
             s = np.clip(((U - pa[0]) * (d[0] / dd) + (V - pa[1]) * (d[1] / dd) + (T - pa[2]) * (d[2] / dd)), 0.0, 1.0)
             dist2 = (U - pa[0] - s * d[0]) ** 2 + (V - pa[1] - s * d[1]) ** 2 + (T - pa[2] - s * d[2]) ** 2
             mask = dist2 < (ra + s * (rb - ra)) ** 2

@@ -122,3 +122,34 @@ def training_phantom(seed: int, region: str | None = None, spacing_kji=None, sha
         ph = insert_lesions(ph, n_lesions, seed, radius_mm=tuple(d / 2 for d in LESION_DIAMETER_MM),
                             contrast_hu=(10.0, 80.0))
     return ph
+
+
+def _time_cases(argv: list[str] | None = None) -> None:
+    """Print the generation time of training cases: ``python -m MedDiffFMLib.phantoms.cases``."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Time training_phantom on this machine (one thread).")
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--max-voxels", type=int, default=64 ** 3)
+    parser.add_argument("--max-samples", type=int, default=2 * 64 ** 3)
+    parser.add_argument("--first-seed", type=int, default=1000)
+    args = parser.parse_args(argv)
+    training_phantom(args.first_seed - 1, max_voxels=16 ** 3)  # warm-up (imports, caches)
+    seconds, voxels = [], []
+    for seed in range(args.first_seed, args.first_seed + args.cases):
+        t0 = time.perf_counter()
+        ph = training_phantom(seed, max_voxels=args.max_voxels, max_samples=args.max_samples)
+        seconds.append(time.perf_counter() - t0)
+        voxels.append(ph.hu.size)
+        sk, sj, si = ph.spacing_kji
+        print(f"seed {seed}: {ph.region:9s} {str(ph.hu.shape):15s} {sk:.2f} x {sj:.2f} x {si:.2f} mm "
+              f"{ph.phase:13s} {len(ph.lesions)} lesions  {seconds[-1]:.3f} s")
+    s, v = np.array(seconds), np.array(voxels)
+    print(f"{len(s)} cases: median {np.median(s):.3f} s, mean {s.mean():.3f} s, max {s.max():.3f} s; "
+          f"median {np.median(v):.0f} voxels ({np.median(v) ** (1 / 3):.0f}^3); "
+          f"{np.median(s / v) * 64 ** 3:.3f} s per 64^3 voxels (median)")
+
+
+if __name__ == "__main__":
+    _time_cases()

@@ -36,7 +36,9 @@ def insert_lesions(target, n: int, seed: int, *, spacing_kji=None, organs: Seque
     contrast. Outside the lung the lesion shifts the organ's HU by ``sign * contrast`` with
     ``contrast`` uniform in ``contrast_hu`` (hypo- or hyper-dense, random sign unless
     ``sign`` is given), with a soft partial-volume edge and mild internal texture. In the
-    lung a lesion is a solid nodule of 0 to 40 HU whatever ``sign``.
+    lung a lesion is a solid nodule of 0 to 40 HU whatever ``sign``. Along k the lesion is
+    averaged through each slab (sub-samples as fine as the pixels), so on thick slices a
+    small lesion is faint and its mask holds the voxels it fills at least half of.
 
     Args:
         target: a :class:`Phantom`, or a tuple ``(hu, labels)`` of (k, j, i) arrays.

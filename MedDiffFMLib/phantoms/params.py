@@ -208,7 +208,7 @@ def head_params(generator: np.random.Generator, var: Variation) -> dict:
 # Where each region's field of view is centred on the body axis (anatomy-frame T).
 REGION_CENTRE_T = {"chest": 1.15, "abdomen": -0.65, "head_neck": 0.0}
 # How far along the body axis (T) each region's anatomy is modelled: a sub-box is drawn inside.
-REGION_T_RANGE = {"chest": (0.35, 2.05), "abdomen": (-1.65, 0.45), "head_neck": (-1.3, 1.2)}
+REGION_T_RANGE = {"chest": (0.3, 2.35), "abdomen": (-1.7, 0.5), "head_neck": (-1.3, 1.45)}
 
 
 def trunk_extent(p: dict) -> tuple[float, float, float]:

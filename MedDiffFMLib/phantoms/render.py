@@ -22,8 +22,8 @@ from .tissues import T_LIVER, T_LUNG, T_PORTAL, T_SPLEEN, TEXTURE, arterial_hu
 # Texture correlation lengths (frame units): about 12, 4 and 1.4 mm on an adult trunk.
 TEXTURE_SCALES = (0.09, 0.03, 0.011)
 PSF_SIGMA_PX = 0.5
-SLAB_STEP_MM = 1.25  # a slab is sampled at least this finely along k
-FOOTPRINT_FROM_MM = 2.0  # pixels coarser than this average 3 x 3 in-plane sub-samples
+SLAB_STEP_MM = 1.5  # a slab is sampled at least this finely along k
+FOOTPRINT_FROM_MM = 3.0  # pixels coarser than this average 3 x 3 in-plane sub-samples
 
 
 def sampling_factors(spacing_kji, var: Variation) -> tuple[int, int, int]:
