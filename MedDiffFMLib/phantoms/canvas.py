@@ -242,14 +242,33 @@ def smoothstep(x):
     return x * x * (3 - 2 * x)
 
 
+def _superellipse_sum(U, V, a, b_ant, b_post):
+    """``(|U/a|^p + |V/b|^p, posterior)`` with p = 2.4, b = b_post behind (V >= 0), and p = 2,
+    b = b_ant in front; the powers are only taken where they are needed."""
+    post = V >= 0
+    au = np.abs(U) * np.float32(1.0 / a)
+    av = np.abs(V) * np.where(post, np.float32(1.0 / b_post), np.float32(1.0 / b_ant))
+    total = au * au + av * av
+    pa = np.power(au, np.float32(2.4), out=np.zeros_like(au), where=post)
+    np.power(av, np.float32(2.4), out=av, where=post)
+    np.add(pa, av, out=total, where=post)
+    return total, post
+
+
+def superellipse_inside(U, V, a, b_ant, b_post):
+    """Whether points lie inside the superellipse of :func:`superellipse_rho` (rho < 1)."""
+    return _superellipse_sum(U, V, a, b_ant, b_post)[0] < 1.0
+
+
 def superellipse_rho(U, V, a, b_ant, b_post):
     """Normalised radius of a superellipse (flatter posteriorly): 1 on the boundary.
 
     Homogeneous of degree one, so ``r * (1 / rho - 1)`` is the radial depth below it.
     """
-    post = V >= 0
-    au, av = np.abs(U) / a, np.abs(V) / np.where(post, b_post, b_ant)
-    return np.where(post, (au ** 2.4 + av ** 2.4) ** (1 / 2.4), np.sqrt(au * au + av * av))
+    total, post = _superellipse_sum(U, V, a, b_ant, b_post)
+    rho = np.sqrt(total)
+    np.power(total, np.float32(1 / 2.4), out=rho, where=post)
+    return rho
 
 
 def bezier(p0, p1, p2, n=24):

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from .canvas import BODY, RESERVED, Canvas, bezier, lab, polyline_dist2d, smoothstep, superellipse_rho
+from .canvas import (BODY, RESERVED, Canvas, bezier, lab, polyline_dist2d, smoothstep, superellipse_inside,
+                     superellipse_rho)
 from .spine import paint_vertebra
 from .thorax import paint_cage, paint_lungs
 from .tissues import (
@@ -26,20 +27,18 @@ def build_trunk(cv: Canvas, p: dict) -> None:
     U3, V3, _ = cv.coords(cv.full())
 
     # -- body wall: skin, subcutaneous fat, muscle, cavity (prisms along the body axis) ------
-    rho_body = superellipse_rho(U3, V3, 1 + m + f, bc + m + 1.25 * f, bc + m + 0.6 * f)
-    rho_skin = superellipse_rho(U3, V3, 1 + m + f - 0.012, bc + m + 1.25 * f - 0.012, bc + m + 0.6 * f - 0.012)
-    rho_mus = superellipse_rho(U3, V3, 1 + m, bc + m, bc + m)
     rho_c = np.maximum(superellipse_rho(U3, V3, 1.0, bc, bc), 1e-6)
     depth_c = np.hypot(U3, V3) * (1.0 / rho_c - 1.0)  # radial depth below the cavity boundary
     rim = 0.055  # deep muscle layer inside the cavity boundary (intercostals, transversus)
-    inside = rho_body < 1
+    inside = superellipse_inside(U3, V3, 1 + m + f, bc + m + 1.25 * f, bc + m + 0.6 * f)
     cv.labels[inside] = BODY
     cv.tissue[:] = T_AIR
     cv.tissue[inside] = T_SKIN
-    cv.tissue[rho_skin < 1] = T_FAT
-    cv.tissue[rho_mus < 1] = T_MUSCLE
+    cv.tissue[superellipse_inside(U3, V3, 1 + m + f - 0.012, bc + m + 1.25 * f - 0.012,
+                                  bc + m + 0.6 * f - 0.012)] = T_FAT
+    cv.tissue[superellipse_inside(U3, V3, 1 + m, bc + m, bc + m)] = T_MUSCLE
     cv.tissue[depth_c > rim] = T_FAT  # visceral / mediastinal fat by default
-    del rho_body, rho_skin, rho_mus
+    del inside
 
     # -- landmarks --------------------------------------------------------------------------
     pT, pL, pC = p["pT"], p["pL"], p["pC"]
