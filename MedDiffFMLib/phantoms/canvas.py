@@ -62,6 +62,7 @@ class Canvas:
     """
 
     DEFORM_CELLS = (0.6, 0.3)  # correlation lengths of the deformation, frame units
+    COARSE_STEP = 4
 
     def __init__(self, sample_to_ras: np.ndarray, shape, place: Placement, deform=(0.0, 0.0), *,
                  seed: int, stream: int, pattern_seed: int | None = None):
@@ -90,6 +91,13 @@ class Canvas:
             self.dmax = float(max(np.abs(d).max() for d in (dU, dV, dT)))
         self.U, self.V, self.T = U, V, T
         self.t_lo, self.t_hi = float(T.min()), float(T.max())
+        # A coarse copy of the coordinates tightens boxes (deformation and obliquity make the
+        # affine bound loose); any sample lies within `_slack` frame units of a coarse one.
+        st = self.COARSE_STEP
+        self._cidx = [F.coarse_indices(0, n, st) for n in self.shape]  # every st-th sample and the last
+        mesh = np.ix_(*self._cidx)
+        self._coarse = tuple(c[mesh] for c in (U, V, T))
+        self._slack = 1.4 * (st / 2) * math.sqrt(3.0) * max(self.spacing) / self.unit
         self.labels = np.zeros(self.shape, np.uint8)
         self.tissue = np.zeros(self.shape, np.uint8)
         self._luts: dict = {}
@@ -138,14 +146,31 @@ class Canvas:
         corners = np.array([[u, v, t] for u in (ulo - pad, uhi + pad) for v in (vlo - pad, vhi + pad)
                             for t in (tlo - pad, thi + pad)])
         idx = (corners - self.b) @ self.A_inv.T  # (8, 3) as (k, j, i)
-        out = []
+        lo, hi = [], []
         for axis, n in enumerate(self.shape):
             a = max(0, int(math.ceil(idx[:, axis].min() - 1e-6)))
             b = min(n, int(math.floor(idx[:, axis].max() + 1e-6)) + 1)
             if b <= a:
                 return None
-            out.append(slice(a, b))
-        return tuple(out)
+            lo.append(a)
+            hi.append(b)
+        # Tighten with the coarse coordinates: every sample lies within `_slack` of a coarse
+        # sample at most COARSE_STEP / 2 away along each axis, so only coarse hits count.
+        st = self.COARSE_STEP
+        c_lo = [int(np.searchsorted(ci, a - st // 2)) for ci, a in zip(self._cidx, lo)]
+        c_hi = [int(np.searchsorted(ci, b - 1 + st // 2, side="right")) for ci, b in zip(self._cidx, hi)]
+        csl = tuple(slice(cl, ch) for cl, ch in zip(c_lo, c_hi))
+        cu, cv, ct = (c[csl] for c in self._coarse)
+        e = self._slack
+        hit = (cu > ulo - e) & (cu < uhi + e) & (cv > vlo - e) & (cv < vhi + e) & (ct > tlo - e) & (ct < thi + e)
+        if not hit.any():
+            return None
+        for axis, axes in enumerate(((1, 2), (0, 2), (0, 1))):
+            nz = np.flatnonzero(hit.any(axis=axes))
+            ci = self._cidx[axis]
+            lo[axis] = max(lo[axis], int(ci[c_lo[axis] + nz[0]]) - st // 2)
+            hi[axis] = min(hi[axis], int(ci[c_lo[axis] + nz[-1]]) + st // 2 + 1)
+        return tuple(slice(a, b) for a, b in zip(lo, hi))
 
     def full(self):
         return tuple(slice(0, n) for n in self.shape)
@@ -209,7 +234,15 @@ class Canvas:
         """
         pts = np.asarray(points, float)
         rad = np.broadcast_to(np.asarray(radii, float), (len(pts),))
-        pts_l, rad_l = pts.tolist(), rad.tolist()  # python floats keep the arithmetic in float32
+        # Long segments are cut into pieces a few radii long, so that each box hugs its piece.
+        fine_pts, fine_rad = [pts[:1]], [rad[:1]]
+        for a_, b_, ra_, rb_ in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
+            n = max(1, int(np.ceil(np.linalg.norm(b_ - a_) / (4.0 * max(ra_, rb_, 1e-6)))))
+            t = np.linspace(0.0, 1.0, n + 1)[1:, None]
+            fine_pts.append(a_ + t * (b_ - a_))
+            fine_rad.append(ra_ + t[:, 0] * (rb_ - ra_))
+        pts_l = np.concatenate(fine_pts).tolist()  # python floats keep the arithmetic in float32
+        rad_l = np.concatenate(fine_rad).tolist()
         for pa, pb, ra, rb in zip(pts_l[:-1], pts_l[1:], rad_l[:-1], rad_l[1:]):
             rm = max(ra, rb)
             lo = np.minimum(pa, pb) - rm
