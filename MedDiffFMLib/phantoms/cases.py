@@ -86,6 +86,9 @@ def training_phantom(seed: int, region: str | None = None, spacing_kji=None, sha
         A :class:`Phantom` on an oblique grid (``hu`` equals ``clean_hu``).
     """
     seed = check_seed(seed)
+    if min(max_voxels, max_samples) < MIN_SIDE ** 3:
+        raise ValueError(f"max_voxels and max_samples must be at least {MIN_SIDE ** 3} ({MIN_SIDE}^3), "
+                         f"got {max_voxels} and {max_samples}")
     g = rng(seed, STREAM_CASE)
     drawn_region = REGIONS[int(g.integers(len(REGIONS)))]
     region = drawn_region if region is None else check_region(region)
@@ -100,7 +103,7 @@ def training_phantom(seed: int, region: str | None = None, spacing_kji=None, sha
     body_mm = np.array([(t_hi - t_lo) * unit, 2 * ap_half * unit * 1.05, 2 * lat * unit * 1.05])  # k, j, i
     if shape_kji is None:
         factors = np.prod(sampling_factors(spacing, var))
-        budget = max(MIN_SIDE ** 3, min(max_voxels, max_samples // factors))
+        budget = min(max_voxels, max(MIN_SIDE ** 3, max_samples // factors))
         full = np.maximum(np.ceil(body_mm / np.array(spacing)), MIN_SIDE)
         shrink = min(1.0, (budget / np.prod(full)) ** (1 / 3))
         shape = tuple(int(v) for v in np.maximum(np.floor(full * shrink), MIN_SIDE))

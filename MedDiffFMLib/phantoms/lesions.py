@@ -134,7 +134,7 @@ def insert_lesions(target, n: int, seed: int, *, spacing_kji=None, organs: Seque
             les = _place_lesion(rng, organ_mask & ~mask_all, radius, sp, kind)
             if les is None:
                 continue
-            sl, soft, centre = les
+            sl, soft, centre, radius = les  # the radius shrinks to fit a thin organ
             in_organ = organ_mask[sl]
             soft = soft * in_organ
             lmask = soft >= 0.5
@@ -171,7 +171,11 @@ def insert_lesions(target, n: int, seed: int, *, spacing_kji=None, organs: Seque
 
 
 def _place_lesion(rng, organ_mask: np.ndarray, radius: float, sp: np.ndarray, kind: str):
-    """Pick a centre deep in the organ and build a soft lesion indicator around it."""
+    """Pick a centre deep in the organ and build a soft lesion indicator around it.
+
+    Returns:
+        ``(box, soft, centre_kji, radius_mm)`` or None when the organ has no room.
+    """
     if not organ_mask.any():
         return None
     kk, jj, ii = np.nonzero(organ_mask)
@@ -233,7 +237,7 @@ def _place_lesion(rng, organ_mask: np.ndarray, radius: float, sp: np.ndarray, ki
     for q in range(n_sub):
         shift = np.array([((q + 0.5) / n_sub - 0.5) * sp[0], 0.0, 0.0])
         soft += np.clip(0.5 - signed_distance((pts + shift) @ rot.T) / edge, 0.0, 1.0).astype(np.float32)
-    return sl, soft / n_sub, centre
+    return sl, soft / n_sub, centre, radius
 
 
 def _random_rotation(rng) -> np.ndarray:
