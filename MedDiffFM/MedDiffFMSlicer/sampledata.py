@@ -37,7 +37,7 @@ FILES = (
     SampleFile(VOLUME_FILE, VOLUME_NODE_NAME, "VolumeFile",
                "d9ac3038edd062c55817cf27d934745642321d9006e48013ef40f2891fcf6b24"),
     SampleFile(MASK_FILE, MASK_NODE_NAME, "SegmentationFile",
-               "546e2e34c437ffc1daab50f4f2c99ee1198ed8eb927ce3f231e899be795e97c6"),
+               "f71aa09a8aab4b4181f336128d745c544f852defcd4ea633a19d64f561dbe1c7"),
 )
 
 
@@ -84,12 +84,17 @@ def write_sample(out_dir: str) -> dict[str, str]:
     scene = create_scene().scene
     ct = new_volume_node(scene, Volume(hu, phantom.ijk_to_ras), VOLUME_NODE_NAME)
     ct.SetAttribute("MedDiffFM.synthetic", "phantom, not a patient")
-    # A 12 mm ball in the soft tissue right of the midline, where a lesion can be generated.
+    # A ball deep inside soft tissue (the point farthest from anything else), where a lesion can
+    # be generated or inpainted.
+    from scipy import ndimage
+
+    soft = (phantom.clean_hu > -200) & (phantom.clean_hu < 200) & (phantom.labels > 0)
+    depth = ndimage.distance_transform_edt(soft, sampling=SPACING_KJI)
+    centre = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    radius = min(10.0, 0.8 * float(depth[centre]))
     k, j, i = np.indices(hu.shape)
-    centre = (SHAPE_KJI[0] // 2, SHAPE_KJI[1] // 2, SHAPE_KJI[2] // 2 + 16)
     r2 = sum(((a - c) * s) ** 2 for a, c, s in zip((k, j, i), centre, SPACING_KJI))
-    body = phantom.labels > 0
-    mask = (r2 <= 12.0 ** 2) & body
+    mask = (r2 <= radius ** 2) & soft
     seg = new_segmentation_node(scene, {"mask": Volume(mask, phantom.ijk_to_ras)}, {}, MASK_NODE_NAME, ct)
     os.makedirs(out_dir, exist_ok=True)
     written = {}
