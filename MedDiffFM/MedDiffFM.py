@@ -118,7 +118,7 @@ class MedDiffFM(ScriptedLoadableModule):
         self.parent.title = _("MedDiffFM")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Filtering")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedDiffFM developers (MedDiffFM project)"]
+        self.parent.contributors = ["MedDiffFM Developers (MedDiffFM project)"]
         self.parent.helpText = _("""
 A 3D CT diffusion foundation model for six tasks: denoising, anomaly detection, CT synthesis,
 super-resolution, lesion generation and inpainting. Choose the input CT and a task, adjust the few
