@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slicer_scene import SHAPE, all_node_ids, app, assert_untouched, ct, node_array, node_matrix, slicer  # noqa: F401
+from slicer_scene import all_node_ids, app, assert_untouched, ct, node_array, node_matrix  # noqa: F401
 
 from MedDiffFMLib.tasks.base import Cancelled
 from MedDiffFMLib.worker import WorkerRunner, client as worker_client

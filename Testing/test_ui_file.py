@@ -14,11 +14,9 @@ import ast
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "MedDiffFM" / "MedDiffFM.py"
-PANEL = ROOT / "MedDiffFM" / "MedDiffFMQt" / "panel.py"
+QT_FILES = sorted((ROOT / "MedDiffFM" / "MedDiffFMQt").glob("*.py"))
 UI = ROOT / "MedDiffFM" / "Resources" / "UI" / "MedDiffFM.ui"
 
 # Every widget the module code touches, with the class it must have.
@@ -95,8 +93,8 @@ def module_constant(name: str):
 
 def touched_widget_names() -> set[str]:
     names = set()
-    panel = ast.parse(PANEL.read_text(encoding="utf-8"))
-    for node in [*ast.walk(module_tree()), *ast.walk(panel)]:
+    trees = [module_tree()] + [ast.parse(p.read_text(encoding="utf-8")) for p in QT_FILES]
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             names.add(node.attr)
