@@ -212,9 +212,12 @@ def test_client_maps_exit_codes_to_exceptions(tmp_path, rc, error, expected):
     assert not c.request_dir.exists()
 
 
-def test_bad_request_exit_code(tmp_path):
+def test_bad_request_exit_code(tmp_path, capsys):
     (tmp_path / "request.json").write_text("{not json", encoding="utf-8")
     assert worker.main(["--request", str(tmp_path)]) == worker.EXIT_BAD_REQUEST
+    worker.write_request(tmp_path, "sharpen", TaskRequest(image=oblique()))
+    assert worker.main(["--request", str(tmp_path), "--task-runner", RUNNER]) == worker.EXIT_BAD_REQUEST
+    assert "unknown task 'sharpen'" in capsys.readouterr().out
 
 
 def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):

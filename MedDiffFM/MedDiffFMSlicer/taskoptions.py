@@ -14,7 +14,7 @@ task keeps the user's edits and a saved scene keeps its settings.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from MedDiffFMLib.tasks.registry import TASKS, ParamSpec, task_spec
 
@@ -110,8 +110,3 @@ def adopt_options(panel: Any, scripted_node: Any) -> None:
     its current task (nothing is reset)."""
     if not scripted_node.GetParameter(OPTIONS_TASK_PARAMETER):
         scripted_node.SetParameter(OPTIONS_TASK_PARAMETER, _plain(panel.task))
-
-
-def describe(values: Mapping[str, Any]) -> str:
-    """One line 'name=value, ...' for logs."""
-    return ", ".join(f"{k}={v!r}" for k, v in values.items())

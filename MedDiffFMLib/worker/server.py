@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..tasks.base import Cancelled, Progress, TaskResult
+from ..tasks.registry import task_spec
 from .protocol import (CANCEL_NAME, DONE_PREFIX, ERROR_PREFIX, EXIT_BAD_REQUEST, EXIT_CANCELLED, EXIT_FAILED,
                        EXIT_OK, EXIT_OUT_OF_MEMORY, INFO_PREFIX, LOG_PREFIX, OOM_MESSAGE, PROGRESS_PREFIX,
                        format_line, read_request, write_result)
@@ -165,6 +166,7 @@ def run_request(request_dir: Path, runner_spec: Optional[str] = None, parent_pid
     started = time.monotonic()
     try:
         task, request, options = read_request(request_dir)
+        task_spec(task)  # an unknown task is refused before torch is imported
     except (ValueError, OSError, KeyError) as e:
         emit(ERROR_PREFIX, {"kind": "bad_request", "message": str(e)})
         return EXIT_BAD_REQUEST
