@@ -128,7 +128,8 @@ def test_memory_check_advises_batch_then_window_then_cpu():
     huge = run.check_gpu_memory(GPU, CONFIG, window=400, batch_size=2, precision="fp32")
     assert huge.batch_size == 1 and 8 <= huge.window < 400 and "window size" in huge.advice
     tiny_gpu = dict(GPU, gpu_free_gb=0.3)  # less than the CUDA context: only the CPU is left
-    assert "CPU" in run.check_gpu_memory(tiny_gpu, CONFIG, window=64, batch_size=1).advice
+    cpu = run.check_gpu_memory(tiny_gpu, CONFIG, window=64, batch_size=1)
+    assert cpu.use_cpu and "CPU" in cpu.advice and not big.use_cpu and not huge.use_cpu
     assert run.check_gpu_memory({"cuda": False}, CONFIG, window=400, batch_size=64).fits  # CPU run
     assert run.check_gpu_memory(GPU, CONFIG, window=400, batch_size=64, device="cpu").fits
 

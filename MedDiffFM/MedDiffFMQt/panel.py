@@ -324,15 +324,14 @@ class Panel(ScriptedLoadableModuleWidget, VTKObservationMixin, ModelSection):
                 if self._segmentList.choose(maskSegmentId) != maskSegmentId:
                     raise ValueError(_("The chosen mask segment no longer exists; choose one again."))
             model = self.ui.modelComboBox.currentData or None
-            if not self._confirmMemory(task, params, model, node.device.value):
-                return
+            params, device = self._settingsThatFit(task, params, model, node.device.value)
             self._job = self.logic.start(
                 node.inputVolume, task, params=params, region=node.region.value,
                 anatomySegmentation=node.anatomySegmentation,
                 maskSegmentation=node.maskSegmentation if spec.needs_mask else None,
                 maskSegmentId=maskSegmentId, model=model,
                 controlnet=(self.ui.controlNetComboBox.currentData or None) if spec.controlnet else None,
-                device=node.device.value, outputVolume=node.outputVolume,
+                device=device, outputVolume=node.outputVolume,
                 outputSegmentation=node.outputSegmentation if spec.primary_segmentation else None,
                 onProgress=self.onProgress, onLog=self.appendLog)
             self.appendLog(_("Same run from the Python console:") + "\n" + self._job.command)
@@ -342,20 +341,22 @@ class Panel(ScriptedLoadableModuleWidget, VTKObservationMixin, ModelSection):
             self._pollTimer.start()
         self._checkCanApply()
 
-    def _confirmMemory(self, task, params, model, device) -> bool:
-        """The GPU-memory check: offer settings that fit (or the CPU) instead of a failure."""
+    def _settingsThatFit(self, task, params, model, device):
+        """The GPU-memory check: offer settings that fit, or the CPU, instead of a failure.
+        Returns the (params, device) to run with."""
         check = run.check_run_memory(self._environment, task, params, model=model, device=device)
         if check.fits:
-            return True
+            return params, device
         self.appendLog(check.advice)
-        if not slicer.util.confirmYesNoDisplay(check.advice + "\n\n" + _("Use these settings?"),
-                                               windowTitle=_("MedDiffFM")):
-            return True  # run as set; the library still halves the batch on out-of-memory
+        question = _("Run on the CPU instead?") if check.use_cpu else _("Use these settings?")
+        if not slicer.util.confirmYesNoDisplay(check.advice + "\n\n" + question, windowTitle=_("MedDiffFM")):
+            return params, device  # as set; the library still halves the batch on out-of-memory
         node = self._parameterNode
-        node.batchSize = check.batch_size
-        node.windowSize = check.window
-        params.update(batch_size=check.batch_size, window=check.window)
-        return True
+        if check.use_cpu:
+            node.device = self.Device.cpu
+            return params, "cpu"
+        node.batchSize, node.windowSize = check.batch_size, check.window
+        return {**params, "batch_size": check.batch_size, "window": check.window}, device
 
     def onProgress(self, progress) -> None:
         self.ui.progressBar.setValue(int(round(1000 * max(0.0, min(1.0, progress.fraction or 0.0)))))

@@ -160,6 +160,7 @@ class MemoryCheck:
         fits: the estimate is below 90 % of the free memory (True when nothing is known).
         estimate_gb, free_gb: GiB (None when unknown: no GPU or no estimate).
         batch_size, window: settings that fit (the given ones when they do); window 0 = model's.
+        use_cpu: nothing fits the GPU: run on the CPU.
         advice: one sentence for the user ("" when it fits).
     """
 
@@ -169,6 +170,7 @@ class MemoryCheck:
     batch_size: int
     window: int
     advice: str = ""
+    use_cpu: bool = False
 
 
 def estimate_gpu_memory_gb(channels: list[int], window: int, batch_size: int, precision: str,
@@ -214,9 +216,9 @@ def check_gpu_memory(info: Mapping[str, Any], model_config: Mapping[str, Any], *
         return MemoryCheck(False, round(needed, 2), free, 1, w,
                            f"This run needs about {needed:.1f} GB of GPU memory, {free:.1f} GB are free: "
                            f"use batch size 1 and window size {w}, or run on the CPU.")
-    return MemoryCheck(False, round(needed, 2), free, 1, window,
+    return MemoryCheck(False, round(needed, 2), free, batch_size, window,
                        f"This run needs about {needed:.1f} GB of GPU memory, only {free:.1f} GB are free: "
-                       "run it on the CPU (Advanced -> Device), or close programs that use the GPU.")
+                       "run it on the CPU (Advanced -> Device), or close programs that use the GPU.", use_cpu=True)
 
 
 def check_run_memory(info: Mapping[str, Any], task: str, params: Mapping[str, Any], *, model=None,
