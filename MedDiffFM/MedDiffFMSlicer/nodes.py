@@ -69,7 +69,7 @@ def _image_to_array(image: vtkImageData) -> np.ndarray:
     return numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]).copy()
 
 
-def _array_to_image(array: np.ndarray) -> vtkImageData:
+def array_to_image(array: np.ndarray) -> vtkImageData:
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)

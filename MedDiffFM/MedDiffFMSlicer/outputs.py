@@ -24,7 +24,7 @@ from MedDiffFMLib.tasks.registry import task_spec
 from MedDiffFMLib.volume import Volume
 
 from . import display
-from .nodes import _array_to_image, numpy_to_matrix
+from .nodes import array_to_image, numpy_to_matrix
 
 ATTRIBUTE_PREFIX = "MedDiffFM."
 PLAIN_SEGMENT_RGB = (51, 153, 255)
@@ -36,7 +36,7 @@ def update_volume_node(volume_node, volume: Volume) -> None:
     if array.dtype != bool and array.dtype.kind == "f" and array.dtype != np.float32:
         array = array.astype(np.float32)
     volume_node.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
-    volume_node.SetAndObserveImageData(_array_to_image(array))
+    volume_node.SetAndObserveImageData(array_to_image(array))
     volume_node.Modified()
 
 
@@ -94,7 +94,7 @@ def fill_segmentation_node(node, masks: Mapping[str, Volume], terms: Mapping[str
     segmentation.RemoveAllSegments()
     for key, mask in masks.items():
         image = slicer.vtkOrientedImageData()
-        image.ShallowCopy(_array_to_image(np.asarray(mask.array) > 0))
+        image.ShallowCopy(array_to_image(np.asarray(mask.array) > 0))
         image.SetImageToWorldMatrix(numpy_to_matrix(mask.ijk_to_ras))
         term = terms.get(key)
         sid = node.AddSegmentFromBinaryLabelmapRepresentation(
