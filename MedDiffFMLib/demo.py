@@ -181,9 +181,14 @@ def _superres(out: Path, base_dir, controlnet, seed: int, fov_mm, device, report
     thick = metrics.slab_means(truth, f).astype(np.float32)
     thick_matrix, _ = regrid(case.ijk_to_ras, truth.shape, spacing * np.array([f, 1, 1]))
     t0 = time.monotonic()
-    res = run_task("superres", TaskRequest(image=Volume(thick, thick_matrix), region=case.region,
-                                           params={"steps": DEMO_STEPS["superres"], "factor": superres_factor_param(f)}),
-                   base_dir, controlnet=cn_dir, device=device, progress=report.stage("superres"))
+    try:
+        res = run_task("superres", TaskRequest(image=Volume(thick, thick_matrix), region=case.region,
+                                               params={"steps": DEMO_STEPS["superres"],
+                                                       "factor": superres_factor_param(f)}),
+                       base_dir, controlnet=cn_dir, device=device, progress=report.stage("superres"))
+    except ValueError as e:  # e.g. a registered ControlNet this version refuses: say so, keep the other results
+        lines.append(("superres", f"skipped: {e}", 0.0))
+        return None
     seconds = time.monotonic() - t0
     sr = primary_volume("superres", res)
     if sr.shape != truth.shape or not np.allclose(sr.ijk_to_ras, case.ijk_to_ras, atol=1e-4):
