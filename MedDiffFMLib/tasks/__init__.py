@@ -93,11 +93,12 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
 
     mod = _module(task)
     params = check_params(task, request.params, mod.PARAMS)
-    dev = resolve_device(device)
+    backend = params.get("backend", "torch")
+    dev = resolve_device(device, backend)
     model_dir = resolve_model_dir(model, kind="base")
     cn_task = _MODULES[task][1]
     cn_dir = resolve_model_dir(controlnet, kind="controlnet", task=cn_task) if cn_task else None
-    predictor = load_predictor(model_dir, cn_dir, dev)
+    predictor = load_predictor(model_dir, cn_dir, dev, backend=backend, requested_device=device)
     if cn_task is not None and predictor.controlnet.cfg.task != cn_task:
         raise ValueError(f"the ControlNet in {cn_dir} was trained for {predictor.controlnet.cfg.task!r}; "
                          f"task {task!r} needs a {cn_task!r} ControlNet")

@@ -19,8 +19,13 @@ from ..volume import Volume
 from .base import TaskRequest, check_image
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA GPU when there is one, else the CPU; 'cuda[:N]' or 'cpu' as given."""
+def resolve_device(device: str = "auto", backend: str = "torch") -> torch.device:
+    """'auto' -> the first CUDA GPU when there is one, else the CPU; 'cuda[:N]' or 'cpu' as given.
+    With the onnx backend: where the sampler's tensors live (see ``onnx_backend.sampler_device``)."""
+    if backend == "onnx":
+        from ..onnx_backend import sampler_device
+
+        return sampler_device(device)
     device = (device or "auto").lower()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,8 +47,15 @@ _CACHE: dict[tuple, NoisePredictor] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: torch.device) -> NoisePredictor:
-    """Load (or reuse, for batch loops) the base model and optional ControlNet on ``device``."""
+def load_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: torch.device, backend: str = "torch",
+                   requested_device: str = "auto") -> NoisePredictor:
+    """Load (or reuse, for batch loops) the base model and optional ControlNet on ``device``;
+    with ``backend="onnx"`` an onnxruntime session of the same network (``requested_device``
+    picks its execution provider)."""
+    if backend == "onnx":
+        from ..onnx_backend import load_onnx_predictor
+
+        return load_onnx_predictor(model_dir, controlnet_dir, requested_device)
     def stamp(p: Optional[Path]):
         return None if p is None else (str(p.resolve()), (p / "model.safetensors").stat().st_mtime_ns)
 

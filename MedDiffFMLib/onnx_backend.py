@@ -1,0 +1,326 @@
+"""ONNX Runtime backend: the same sampler, only the network call runs in onnxruntime.
+
+A model (the foundation network, or the foundation network with one task ControlNet) is
+exported once with torch's TorchScript-based exporter (opset 17; batch and window size are
+dynamic axes) and cached as ``<cache>/<name>.onnx``, the name built from the sha256 of the
+weights, so new weights never reuse a stale graph. :class:`OnnxPredictor` has exactly the
+call signature of :meth:`MedDiffFMLib.networks.NoisePredictor.forward`, so the patch sampler
+runs unchanged on top of it.
+
+Execution providers: onnxruntime's CUDA provider when ``onnxruntime-gpu`` is installed (and
+the device is not "cpu"), otherwise its CPU provider. With the CUDA provider and inputs
+already on a CUDA device (a CUDA build of torch), the tensors are bound in place (no copy
+through the host); with a CPU-only torch (e.g. inside 3D Slicer) onnxruntime copies each batch
+to the GPU and back, which is still far faster than running the network on the CPU.
+
+Install: ``pip install meddiff-fm[onnx]`` (CPU) or ``pip install onnxruntime-gpu`` for GPUs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_base, load_controlnet, read_config, sha256_file
+from .networks import ControlNetConfig, ModelConfig, NoisePredictor
+
+OPSET = 17
+FORMAT_VERSION = 1  # bump when the exported graph's inputs change: old cache entries are ignored
+ENV_CACHE_DIR = "MEDDIFFFM_ONNX_CACHE"
+BASE_INPUTS = ("x_t", "t", "coords", "anatomy_channels", "region", "spacing")
+CONTROL_INPUTS = ("control", "control_scale")
+OUTPUT = "eps"
+
+
+def require_onnxruntime(export: bool = False):
+    """The onnxruntime module, or a one-line error saying how to install it. ``export``: also
+    the onnx package, which torch's exporter writes the graph with."""
+    try:
+        if export:
+            import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise RuntimeError("the onnx backend needs onnxruntime: pip install 'meddiff-fm[onnx]' "
+                           "(or onnxruntime-gpu for NVIDIA GPUs)") from None
+    return onnxruntime
+
+
+def cache_dir() -> Path:
+    """Where exported graphs live: ``$MEDDIFFFM_ONNX_CACHE`` or ``~/.meddifffm/onnx``."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    return Path(env).expanduser() if env else Path.home() / ".meddifffm" / "onnx"
+
+
+def graph_name(model_dir: Path, controlnet_dir: Optional[Path] = None) -> str:
+    """``base-<sha>[-<task>-<sha>]-opset17-v1``: the weights' sha256 (first 16 hex digits)."""
+    name = f"base-{sha256_file(Path(model_dir) / 'model.safetensors')[:16]}"
+    if controlnet_dir is not None:
+        task = read_config(controlnet_dir)["task"]
+        name += f"-{task}-{sha256_file(Path(controlnet_dir) / 'model.safetensors')[:16]}"
+    return f"{name}-opset{OPSET}-v{FORMAT_VERSION}"
+
+
+# --------------------------------------------------------------------------------- export
+class _Graph(nn.Module):
+    """The predictor with every argument a tensor (the exporter's calling shape)."""
+
+    def __init__(self, predictor: NoisePredictor):
+        super().__init__()
+        self.predictor = predictor
+        # TODO(remove when every NoisePredictor takes spacing): older networks ignore it.
+        self._spacing = "spacing" in inspect.signature(type(predictor).forward).parameters
+
+    def forward(self, x_t, t, coords, anatomy_channels, region, spacing, control=None, control_scale=None):
+        args = (x_t, t, coords, anatomy_channels, region) + ((spacing,) if self._spacing else ())
+        if control is None:
+            return self.predictor(*args)
+        return self.predictor(*args, control=control, control_scale=control_scale)
+
+
+def _example_inputs(cfg: ModelConfig, control_channels: int, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Random inputs of one window: (B, C, w, w, w) float32, (B,) int64 t and region, (B, 3) mm."""
+    w = cfg.window
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "x_t": torch.randn(batch, 1, w, w, w, generator=gen),
+        "t": torch.tensor([cfg.num_train_timesteps // 2, 10][:batch] + [0] * max(0, batch - 2)),
+        "coords": torch.rand(batch, 3, w, w, w, generator=gen) * 2 - 1,
+        "anatomy_channels": (torch.rand(batch, cfg.anatomy_channels, w, w, w, generator=gen) > 0.9).float(),
+        "region": torch.arange(batch) % (cfg.num_regions + 1),
+        "spacing": torch.full((batch, 3), float(cfg.spacing_mm)),
+    }
+    if control_channels:
+        inputs["control"] = torch.randn(batch, control_channels, w, w, w, generator=gen)
+        inputs["control_scale"] = torch.tensor(1.0)
+    return inputs
+
+
+def _load_torch(model_dir: Path, controlnet_dir: Optional[Path]) -> NoisePredictor:
+    if controlnet_dir is None:
+        return NoisePredictor(load_base(model_dir, "cpu")).eval()
+    return load_controlnet(controlnet_dir, model_dir, "cpu").eval()
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote: the graph, its size and its agreement with torch."""
+
+    path: Path
+    size_bytes: int
+    max_abs_diff: float  # ONNX Runtime (CPU) against torch on a random batch of two windows
+    cached: bool = False
+
+
+def export_onnx(model_dir: str | os.PathLike, controlnet_dir: Optional[str | os.PathLike] = None,
+                output: Optional[str | os.PathLike] = None, *, force: bool = False) -> ExportReport:
+    """Export the foundation model (and optionally one ControlNet on it) to ONNX.
+
+    Args:
+        model_dir: foundation model directory (``config.json`` + ``model.safetensors``).
+        controlnet_dir: a ControlNet directory trained on that model, or None.
+        output: where to write the ``.onnx`` file (default: :func:`cache_dir` / :func:`graph_name`).
+        force: export again even when the file exists.
+
+    Returns:
+        An :class:`ExportReport`. A sidecar ``<file>.json`` records the weights' sha256, the
+        opset and the measured difference. The file is written atomically.
+    """
+    model_dir = Path(model_dir)
+    controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else None
+    target = Path(output) if output is not None else cache_dir() / f"{graph_name(model_dir, controlnet_dir)}.onnx"
+    sidecar = target.with_name(target.name + ".json")
+    if target.is_file() and sidecar.is_file() and not force:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        return ExportReport(target, target.stat().st_size, float(info["max_abs_diff"]), cached=True)
+    ort = require_onnxruntime(export=True)
+    predictor = _load_torch(model_dir, controlnet_dir)
+    control_channels = predictor.controlnet.cfg.control_channels if predictor.controlnet is not None else 0
+    inputs = _example_inputs(predictor.cfg, control_channels)
+    names = list(inputs)
+    volume_axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    dynamic = {n: volume_axes for n in ("x_t", "coords", "anatomy_channels", "control", OUTPUT) if n in names + [OUTPUT]}
+    dynamic.update({n: {0: "batch"} for n in ("t", "region", "spacing")})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(target.parent), prefix=f".{target.stem}.", suffix=".tmp.onnx")
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on shape checks that hold for every window
+            expected = _Graph(predictor)(**inputs).numpy()
+            torch.onnx.export(_Graph(predictor), tuple(inputs.values()), tmp, dynamo=False, opset_version=OPSET,
+                              input_names=names, output_names=[OUTPUT], dynamic_axes=dynamic)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        # the exporter drops inputs the network does not use (e.g. spacing, for a network without it)
+        used = {i.name for i in session.get_inputs()}
+        got = session.run([OUTPUT], {n: v.numpy() for n, v in inputs.items() if n in used})[0]
+        diff = float(np.abs(got - expected).max())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    info = {"format_version": FORMAT_VERSION, "opset": OPSET, "torch": torch.__version__, "inputs": names,
+            "base_sha256": sha256_file(model_dir / "model.safetensors"), "max_abs_diff": diff,
+            "controlnet_sha256": sha256_file(controlnet_dir / "model.safetensors") if controlnet_dir else None}
+    fd, tmp_json = tempfile.mkstemp(dir=str(target.parent), prefix=f".{target.stem}.", suffix=".tmp.json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp_json, sidecar)
+    return ExportReport(target, target.stat().st_size, diff)
+
+
+# ------------------------------------------------------------------------------ inference
+def _parse_device(device: str | torch.device) -> tuple[str, int]:
+    """("cpu" | "cuda" | "auto", CUDA device index) of a device request."""
+    text = str(device or "auto").lower()
+    if text == "cpu":
+        return "cpu", 0
+    if text == "gpu" or text.startswith("cuda"):
+        return "cuda", int(text.split(":", 1)[1]) if ":" in text else 0
+    if text != "auto":
+        raise ValueError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N")
+    return "auto", 0
+
+
+def providers_for(device: str | torch.device) -> list[str]:
+    """onnxruntime providers for a device request: CUDA first when installed and not "cpu"."""
+    ort = require_onnxruntime()
+    available = ort.get_available_providers()
+    kind, _ = _parse_device(device)
+    if kind != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if kind == "cuda":
+        raise RuntimeError(f"device {str(device)!r} asked for with the onnx backend, but onnxruntime has no CUDA "
+                           f"provider (available: {', '.join(available)}); pip install onnxruntime-gpu, or use "
+                           "device 'cpu'")
+    return ["CPUExecutionProvider"]
+
+
+def sampler_device(device: str) -> torch.device:
+    """Where the sampler keeps its tensors with the onnx backend: the CUDA device when torch
+    itself has CUDA and the request is not "cpu", else the CPU (onnxruntime then copies)."""
+    device = (device or "auto").lower()
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda" if device in ("auto", "gpu") else device)
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class _ControlNetInfo:
+    """Stands in for the torch ControlNet where callers only read its config."""
+
+    cfg: ControlNetConfig
+
+
+class OnnxPredictor(nn.Module):
+    """A :class:`NoisePredictor` whose network call runs in an onnxruntime session.
+
+    Attributes:
+        cfg: the foundation model's :class:`ModelConfig` (the sampler reads the window, the
+            schedule and the downsampling factor from it).
+        controlnet: None, or an object whose ``cfg`` is the ControlNet's config.
+        providers: the session's execution providers, best first.
+    """
+
+    def __init__(self, path: str | os.PathLike, cfg: ModelConfig, controlnet_cfg: Optional[ControlNetConfig] = None,
+                 device: str | torch.device = "cpu", threads: Optional[int] = None):
+        super().__init__()
+        ort = require_onnxruntime()
+        self.cfg = cfg
+        self.controlnet = _ControlNetInfo(controlnet_cfg) if controlnet_cfg is not None else None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        self.providers = providers_for(device)
+        _, self.device_id = _parse_device(device)
+        provider_options = [{"device_id": self.device_id} if p == "CUDAExecutionProvider" else {}
+                            for p in self.providers]
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
+                                            provider_options=provider_options)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        known = BASE_INPUTS + (CONTROL_INPUTS if controlnet_cfg is not None else ())
+        if not set(self.input_names) <= set(known) or "x_t" not in self.input_names:
+            raise ValueError(f"{path} takes inputs {self.input_names}, expected some of {list(known)}: export it again")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, coords: torch.Tensor, anatomy_channels: torch.Tensor,
+                region: torch.Tensor, spacing: torch.Tensor, control: Optional[torch.Tensor] = None,
+                control_scale: float = 1.0) -> torch.Tensor:
+        """Predict epsilon (B, 1, D, H, W) float32 on ``x_t``'s device.
+
+        Args:
+            x_t: (B, 1, D, H, W) noisy windows, model units.
+            t: (B,) integer timesteps.
+            coords: (B, 3, D, H, W) whole-volume coordinates in [-1, 1].
+            anatomy_channels: (B, A, D, H, W) anatomy condition.
+            region: (B,) region indices (0 = null).
+            spacing: (B, 3) voxel size in mm per axis (k, j, i).
+            control: (B, C, D, H, W) ControlNet condition (required with a ControlNet).
+            control_scale: ControlNet conditioning scale.
+        """
+        if self.controlnet is not None and control is None:
+            raise ValueError("this model has a ControlNet: a control condition is required")
+        values = {"x_t": lambda: x_t.float(), "t": lambda: t.long(), "coords": lambda: coords.float(),
+                  "anatomy_channels": lambda: anatomy_channels.float(), "region": lambda: region.long(),
+                  "spacing": lambda: torch.as_tensor(spacing, dtype=torch.float32, device=x_t.device),
+                  "control": lambda: control.float(),
+                  "control_scale": lambda: torch.tensor(float(control_scale), dtype=torch.float32, device=x_t.device)}
+        # only what the graph takes: the exporter drops inputs the network ignores
+        feeds = {n: values[n]() for n in self.input_names}
+        if x_t.is_cuda and self.providers[0] == "CUDAExecutionProvider":
+            return self._run_bound(feeds, x_t)
+        out = self.session.run([OUTPUT], {n: v.detach().cpu().contiguous().numpy() for n, v in feeds.items()})[0]
+        return torch.from_numpy(out).to(x_t.device)
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor], x_t: torch.Tensor) -> torch.Tensor:
+        """CUDA tensors in and out without a host copy (onnxruntime I/O binding)."""
+        binding = self.session.io_binding()
+        keep = []
+        for name, value in feeds.items():
+            value = value.contiguous()
+            keep.append(value)
+            dev = value.device
+            binding.bind_input(name=name, device_type="cuda" if dev.type == "cuda" else "cpu",
+                               device_id=(dev.index or 0) if dev.type == "cuda" else 0,
+                               element_type=np.float32 if value.dtype == torch.float32 else np.int64,
+                               shape=tuple(value.shape), buffer_ptr=value.data_ptr())
+        out = torch.empty((x_t.shape[0], 1, *x_t.shape[2:]), dtype=torch.float32, device=x_t.device)
+        binding.bind_output(name=OUTPUT, device_type="cuda", device_id=x_t.device.index or 0,
+                            element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr())
+        torch.cuda.synchronize(x_t.device)  # the inputs are written by torch's stream
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+_SESSIONS: dict[tuple, OnnxPredictor] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def load_onnx_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: str | torch.device) -> OnnxPredictor:
+    """Export (once, cached by sha256) and open the ONNX graph of a model; sessions are reused."""
+    model_dir = Path(model_dir)
+    controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else None
+    path = export_onnx(model_dir, controlnet_dir).path
+    key = (str(path), str(device), torch.get_num_threads())
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            if len(_SESSIONS) >= 4:
+                _SESSIONS.pop(next(iter(_SESSIONS)))
+            cfg = _base_config(model_dir)
+            cn_cfg = ControlNetConfig.from_dict(read_config(controlnet_dir)) if controlnet_dir is not None else None
+            _SESSIONS[key] = OnnxPredictor(path, cfg, cn_cfg, device)
+        return _SESSIONS[key]
+
+
+def _base_config(model_dir: Path) -> ModelConfig:
+    raw = read_config(model_dir)
+    return ModelConfig.from_dict({k: v for k, v in raw.items() if k not in ("kind", "format", "meta")})
+
