@@ -541,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="image file; labels and lesion mask are written beside it (<name>_labels, <name>_lesions)")
     p.set_defaults(func=cmd_phantom)
+
+    from . import batch, onnx_backend  # their commands live with their code
+
+    batch.add_cli(sub)
+    onnx_backend.add_cli(sub)
     return parser
 
 

@@ -324,3 +324,49 @@ def _base_config(model_dir: Path) -> ModelConfig:
     raw = read_config(model_dir)
     return ModelConfig.from_dict({k: v for k, v in raw.items() if k not in ("kind", "format", "meta")})
 
+
+
+# ------------------------------------------------------------------------------ command line
+def add_cli(sub) -> None:
+    """Register ``meddiff-fm export-onnx`` on the CLI's subparsers."""
+    p = sub.add_parser("export-onnx", help="export the foundation model and each ControlNet to ONNX",
+                       description="Export the foundation model, and the foundation model with each task "
+                                   "ControlNet, to ONNX (opset 17, dynamic batch and window size) for the "
+                                   "onnx backend (--backend onnx on every task). Files are named by the weights' "
+                                   f"sha256; the default folder is the cache (${ENV_CACHE_DIR} or "
+                                   "~/.meddifffm/onnx), where the backend finds them.")
+    p.add_argument("--model", default=None, help="foundation model directory or registry id (default: the bundled "
+                                                 "demo weights)")
+    p.add_argument("--controlnet", nargs="*", default=None,
+                   help="ControlNet directories or registry ids (default: the registered ControlNet of every task "
+                        "that has one; give the option with no value to export the foundation model only)")
+    p.add_argument("--output-dir", default=None, help="folder for the .onnx files (default: the cache)")
+    p.add_argument("--force", action="store_true", help="export again even when a file exists")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from . import weights
+
+    model_dir = Path(weights.resolve_model(args.model, kind="base"))
+    if args.controlnet is None:
+        controlnets = []
+        base_sha = sha256_file(model_dir / "model.safetensors")
+        for task in ("superres", "lesion"):
+            try:
+                cn = Path(weights.resolve_model(None, kind="controlnet", task=task))
+            except FileNotFoundError:
+                continue  # no ControlNet registered for this task
+            if read_config(cn).get("base_sha256") in ("", base_sha):  # trained on this foundation model
+                controlnets.append(cn)
+    else:
+        controlnets = [Path(weights.resolve_model(c, kind="controlnet")) for c in args.controlnet]
+    for cn in [None, *controlnets]:
+        target = None
+        if args.output_dir is not None:
+            target = Path(args.output_dir) / f"{graph_name(model_dir, cn)}.onnx"
+        report = export_onnx(model_dir, cn, target, force=args.force)
+        what = "foundation model" if cn is None else f"with ControlNet {cn.name}"
+        state = "cached" if report.cached else f"{report.size_bytes / 1e6:.1f} MB"
+        print(f"export-onnx: {what}: {report.path} ({state}; max |onnx - torch| {report.max_abs_diff:.2g})")
+    return 0
