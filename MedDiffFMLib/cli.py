@@ -439,6 +439,8 @@ def cmd_benchmark(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiff-fm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (default 0: "
+                        "OMP_NUM_THREADS, else the CPUs this process may use, shared among torchrun's processes)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="pretrain the foundation model (single process or torchrun DDP)",
@@ -554,6 +556,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        from .threads import set_threads
+
+        set_threads(args.threads)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
