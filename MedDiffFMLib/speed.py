@@ -237,6 +237,19 @@ class IORow:
 
 
 @dataclass
+class BackendRow:
+    """One network call on one batch of windows, torch against onnxruntime, same inputs."""
+
+    model: str
+    window: tuple[int, int, int]
+    batch_size: int
+    torch_s: float
+    onnx_s: float
+    onnx_providers: str
+    max_abs_diff: float
+
+
+@dataclass
 class SpeedReport:
     device: str
     threads: int
@@ -244,6 +257,7 @@ class SpeedReport:
     steps: list[StepRow] = field(default_factory=list)
     floors: list[FloorRow] = field(default_factory=list)
     io: list[IORow] = field(default_factory=list)
+    backends: list[BackendRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -288,6 +302,41 @@ def gpu_peak(device: torch.device, override: Optional[float]) -> tuple[str, floa
         if key.lower() in name.lower():
             return name, peak
     return name + " (unknown peak: give --peak-tflops)", math.nan
+
+
+def backend_row(name: str, model_dir: Optional[Path], predictor, device: str, batch: int,
+                precision: str) -> Optional[BackendRow]:
+    """torch against the onnx backend on one batch of full windows; None without onnxruntime.
+    ``model_dir`` None: an in-memory model, exported to a temporary folder (not the cache)."""
+    try:
+        from . import onnx_backend
+
+        onnx_backend.require_onnxruntime(export=True)
+    except RuntimeError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="meddifffm-speed-") as tmp:
+        if model_dir is None:
+            from .checkpoint import save_model
+
+            saved = save_model(Path(tmp) / "model", predictor.cfg, predictor.base.state_dict())
+            path = onnx_backend.export_onnx(saved, output=Path(tmp) / "model.onnx").path
+            onnx_predictor = onnx_backend.OnnxPredictor(path, predictor.cfg, None, device)
+        else:
+            onnx_predictor = onnx_backend.load_onnx_predictor(model_dir, None, device)
+        on_gpu = onnx_predictor.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
+        onnx_device = torch.device("cuda" if on_gpu else "cpu")
+        torch_device = next(predictor.parameters()).device
+        window = (predictor.cfg.window,) * 3
+        torch_s = bare_network_seconds(predictor, window, batch, torch_device, precision)
+        onnx_s = bare_network_seconds(onnx_predictor, window, batch, onnx_device, "fp32")
+        inputs = _window_inputs(predictor.cfg, window, 1, torch.device("cpu"))
+        with torch.inference_mode():
+            ref = predictor(*_call_args(predictor, {k: v.to(torch_device) for k, v in inputs.items()})).cpu()
+            got = onnx_predictor(*_call_args(onnx_predictor, {k: v.to(onnx_device) for k, v in inputs.items()}))
+        diff = float((got.cpu() - ref).abs().max())
+        providers = ",".join(onnx_predictor.providers)
+        del onnx_predictor
+    return BackendRow(name, window, batch, torch_s, onnx_s, providers, diff)
 
 
 def io_rows(shape, spacing_mm, quick: bool) -> list[IORow]:
@@ -340,12 +389,12 @@ def _ct_like(shape, rng) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ the run
-def _demo_predictor(device: torch.device) -> tuple[str, NoisePredictor]:
+def _demo_predictor(device: torch.device) -> tuple[Path, NoisePredictor]:
     from . import weights
     from .checkpoint import load_base
 
     model_dir = Path(weights.resolve_model(None, kind="base"))
-    return model_dir.name, NoisePredictor(load_base(model_dir, device)).eval()
+    return model_dir, NoisePredictor(load_base(model_dir, device)).eval()
 
 
 def _random_predictor(name: str, device: torch.device, seed: int = 0) -> NoisePredictor:
@@ -384,7 +433,8 @@ def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batc
         sizes = [((16, 16, 16), (1.0, 1.0, 1.0)), ((20, 40, 36), (2.5, 0.7, 0.7))]
         io_shape, io_spacing = (20, 64, 64), CLINICAL_SPACING
     else:
-        name, predictor = _demo_predictor(dev)
+        model_dir, predictor = _demo_predictor(dev)
+        name = model_dir.name
         sizes = [((64, 64, 64), (1.0, 1.0, 1.0)), ((64, 128, 128), (2.5, 0.7, 0.7)),
                  ((139, 256, 256), CLINICAL_SPACING), (CLINICAL_SHAPE, CLINICAL_SPACING)]
         io_shape, io_spacing = CLINICAL_SHAPE, CLINICAL_SPACING
@@ -412,6 +462,11 @@ def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batc
     report.floors.append(flop_floor(base_cfg.name, base_cfg, layout_predictor, base_shape, gpu, peak, measured))
     report.io.extend(io_rows(io_shape, io_spacing, quick))
     log("  resampling and writing done")
+    row = backend_row(name, None if quick else model_dir, predictor, device, batch_size, precision)
+    if row is None:
+        report.notes.append("onnx backend: not measured (pip install 'meddiff-fm[onnx]')")
+    else:
+        report.backends.append(row)
     return report
 
 
@@ -451,6 +506,11 @@ def format_report(report: SpeedReport) -> str:
              _table(("operation", "voxels", "before", "s", "after", "s", "speed-up", "note"),
                     [(r.operation, r.voxels, r.before, r.before_s, r.after, r.after_s,
                       f"{r.before_s / r.after_s:.1f}x" if r.after_s else None, r.detail) for r in report.io])]
+    if report.backends:
+        parts += ["", "Network backends (one call on one batch of full windows, same inputs):", "",
+                  _table(("model", "window", "batch", "torch s", "onnx s", "onnx providers", "max |difference|"),
+                         [(b.model, b.window, b.batch_size, b.torch_s, b.onnx_s, b.onnx_providers, b.max_abs_diff)
+                          for b in report.backends])]
     if report.notes:
         parts += [""] + [f"Note: {n}" for n in report.notes]
     return "\n".join(parts)

@@ -37,6 +37,13 @@ def test_quick_run_fills_every_table_consistently(tmp_path, capsys):
     assert resample_row["before_s"] > 0 and resample_row["after_s"] > 0
     assert "read back exactly: True" in write_row["detail"]
     assert any("not measured here" in n for n in report["notes"])
+    try:
+        import onnx, onnxruntime  # noqa: F401
+    except ImportError:
+        assert any("onnx backend: not measured" in n for n in report["notes"])
+    else:
+        (backend,) = report["backends"]
+        assert backend["torch_s"] > 0 and backend["onnx_s"] > 0 and backend["max_abs_diff"] < 1e-4
 
 
 def test_flop_count_of_the_paper_network_matches_its_size():
