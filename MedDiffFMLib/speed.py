@@ -196,14 +196,14 @@ class StepRow:
     window: tuple[int, int, int]
     windows: int
     batch_size: int
-    step_s: float
+    step_s: Optional[float]  # None: not run (over --max-windows)
     network_s: float
-    machinery_s: float
+    machinery_s: Optional[float]
     peak_host_mib: Optional[float]
     volume_mib: float  # one float32 copy of the volume
     peak_device_mib: Optional[float]
     tflop_per_step: float
-    achieved_tflops: float
+    achieved_tflops: Optional[float]
 
 
 @dataclass
@@ -262,23 +262,31 @@ class SpeedReport:
 
 
 def measure_step(name: str, predictor, shape, spacing_mm, device: torch.device, *, steps: int, batch_size: int,
-                 precision: str) -> StepRow:
-    """A :class:`StepRow`: the sampler's step and the bare network on the same windows."""
+                 precision: str, max_windows: Optional[int] = None) -> StepRow:
+    """A :class:`StepRow`: the sampler's step and the bare network on the same windows. Over
+    ``max_windows`` the sampler is not run: the row keeps the layout, FLOPs and network time
+    (step, machinery and memory are None)."""
     window, windows = window_layout(predictor, shape, batch_size)
     per_batch = bare_network_seconds(predictor, window, batch_size, device, precision)
     network_s = per_batch * windows / batch_size
+    flops = count_flops(predictor.cfg, window) * windows
+    volume_mib = round(int(np.prod(shape)) * 4 / 2 ** 20, 4)
+    row = StepRow(name, tuple(shape), tuple(float(s) for s in spacing_mm), window, windows, batch_size, None,
+                  round(network_s, 4), None, None, volume_mib, None, flops / 1e12, None)
+    if max_windows is not None and windows > max_windows:
+        return row
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with PeakHostMemory() as host:
         step_s = sampler_step_seconds(predictor, shape, spacing_mm, device, steps, batch_size, precision)
-    device_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    flops = count_flops(predictor.cfg, window) * windows
-    mib = lambda b: None if b is None else round(b / 2 ** 20, 1)  # noqa: E731
-    return StepRow(name, tuple(shape), tuple(float(s) for s in spacing_mm), window, windows, batch_size,
-                   round(step_s, 4), round(network_s, 4), round(step_s - network_s, 4), mib(host.peak_bytes),
-                   round(int(np.prod(shape)) * 4 / 2 ** 20, 4), None if device_mib is None else round(device_mib, 1),
-                   flops / 1e12, flops / 1e12 / step_s)
+    row.step_s = round(step_s, 4)
+    row.machinery_s = round(step_s - network_s, 4)
+    row.peak_host_mib = None if host.peak_bytes is None else round(host.peak_bytes / 2 ** 20, 1)
+    if device.type == "cuda":
+        row.peak_device_mib = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    row.achieved_tflops = flops / 1e12 / step_s
+    return row
 
 
 def flop_floor(name: str, cfg: ModelConfig, predictor_for_layout, shape, gpu: str, peak_tflops: float,
@@ -408,7 +416,7 @@ def _random_predictor(name: str, device: torch.device, seed: int = 0) -> NoisePr
 
 def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batch_size: int = 4,
               precision: str = "auto", peak_tflops: Optional[float] = None, base: Optional[bool] = None,
-              log=print) -> SpeedReport:
+              max_windows: Optional[int] = None, log=print) -> SpeedReport:
     """Measure everything the module docstring lists.
 
     Args:
@@ -416,6 +424,7 @@ def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batc
         steps: sampling steps per measured row (the time is per step).
         precision: "auto" (bf16 on CUDA, fp32 on the CPU), "fp32" or "bf16".
         base: run the base preset on 350 x 350 x 300 (default: only on a GPU).
+        max_windows: run the sampler only on volumes of at most this many windows per step.
         log: called with one line per finished measurement.
     """
     from .tasks.common import resolve_device
@@ -440,9 +449,12 @@ def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batc
         io_shape, io_spacing = CLINICAL_SHAPE, CLINICAL_SPACING
     for shape, spacing in sizes:
         row = measure_step(name, predictor, shape, spacing, dev, steps=steps, batch_size=batch_size,
-                           precision=precision)
+                           precision=precision, max_windows=max_windows)
         report.steps.append(row)
-        log(f"  step {name} {shape}: {row.step_s:.3f} s ({row.windows} windows)")
+        if row.step_s is None:
+            report.notes.append(f"{name} on {shape}: sampler step not run ({row.windows} windows > --max-windows "
+                                f"{max_windows}); its network time is {row.network_s:.1f} s per step")
+        log(f"  step {name} {shape}: {row.step_s} s ({row.windows} windows)")
     base_cfg = preset("tiny" if quick else "base")
     base_shape = (16, 24, 20) if quick else BASE_SHAPE
     measured = None
@@ -529,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(default: from its name)")
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=None,
                    help="time the base preset on 350x350x300 (default: only on a GPU)")
+    p.add_argument("--max-windows", type=int, default=None, help="run the sampler only on volumes of at most this "
+                   "many windows per step (the others keep their network time; default: all)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: see meddiff-fm --threads)")
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     return p
@@ -541,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     set_threads(args.threads)
     report = run_speed(quick=args.quick, device=args.device, steps=args.steps, batch_size=args.batch_size,
                        precision=args.precision, peak_tflops=args.peak_tflops, base=args.base,
-                       log=lambda line: print(line, file=sys.stderr))
+                       max_windows=args.max_windows, log=lambda line: print(line, file=sys.stderr))
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(report), indent=1) + "\n", encoding="utf-8")
