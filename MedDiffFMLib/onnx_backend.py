@@ -305,13 +305,18 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 def load_onnx_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: str | torch.device) -> OnnxPredictor:
-    """Export (once, cached by sha256) and open the ONNX graph of a model; sessions are reused."""
+    """Export (once, cached by sha256) and open the ONNX graph of a model; sessions are reused
+    while the weights files are unchanged."""
     model_dir = Path(model_dir)
     controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else None
-    path = export_onnx(model_dir, controlnet_dir).path
-    key = (str(path), str(device), torch.get_num_threads())
+
+    def stamp(p: Optional[Path]):
+        return None if p is None else (str(p.resolve()), (p / "model.safetensors").stat().st_mtime_ns)
+
+    key = (stamp(model_dir), stamp(controlnet_dir), str(device), torch.get_num_threads())
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
+            path = export_onnx(model_dir, controlnet_dir).path
             if len(_SESSIONS) >= 4:
                 _SESSIONS.pop(next(iter(_SESSIONS)))
             cfg = _base_config(model_dir)

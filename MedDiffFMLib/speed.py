@@ -158,6 +158,29 @@ def bare_network_seconds(predictor, window: Sequence[int], batch: int, device: t
 
 
 # ------------------------------------------------------------------------------ one sampler step
+class TimedPredictor(torch.nn.Module):
+    """Forwards every call to ``predictor`` and adds up the seconds spent inside (the device
+    synchronised before and after, so that queued work is charged to the right side)."""
+
+    def __init__(self, predictor):
+        super().__init__()
+        self.inner = predictor
+        self.cfg = predictor.cfg
+        self.controlnet = getattr(predictor, "controlnet", None)
+        self.seconds = 0.0
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        device = args[0].device
+        _sync(device)
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        _sync(device)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
 def _sampler(predictor, device: torch.device, steps: int, batch_size: int, precision: str):
     from .sampling import PatchSampler, SamplerOptions
 
@@ -172,17 +195,19 @@ def window_layout(predictor, shape: Sequence[int], batch_size: int = 4) -> tuple
 
 
 def sampler_step_seconds(predictor, shape: Sequence[int], spacing_mm: Sequence[float], device: torch.device,
-                         steps: int, batch_size: int, precision: str) -> float:
-    """Seconds per step of the patch sampler over a whole volume (``steps`` steps from noise,
-    region "abdomen", no anatomy), averaged; includes drawing the initial noise."""
+                         steps: int, batch_size: int, precision: str) -> tuple[float, float]:
+    """(seconds per step, of which inside the network) of the patch sampler over a whole volume
+    (``steps`` steps from noise, region "abdomen", no anatomy), averaged; includes drawing the
+    initial noise."""
     from .sampling import Condition
 
-    sampler = _sampler(predictor, device, steps, batch_size, precision)
+    timed = TimedPredictor(predictor)
+    sampler = _sampler(timed, device, steps, batch_size, precision)
     _sync(device)
     t0 = time.perf_counter()
     sampler.sample(tuple(shape), Condition(region=REGION_INDEX["abdomen"]))
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, timed.seconds / steps
 
 
 # ------------------------------------------------------------------------------ report rows
@@ -197,8 +222,9 @@ class StepRow:
     windows: int
     batch_size: int
     step_s: Optional[float]  # None: not run (over --max-windows)
-    network_s: float
-    machinery_s: Optional[float]
+    network_s: Optional[float]  # inside the network calls of that step
+    machinery_s: Optional[float]  # the rest of the step
+    bare_network_s: float  # the same windows' network time from one batch of pre-built inputs
     peak_host_mib: Optional[float]
     volume_mib: float  # one float32 copy of the volume
     peak_device_mib: Optional[float]
@@ -268,19 +294,19 @@ def measure_step(name: str, predictor, shape, spacing_mm, device: torch.device, 
     (step, machinery and memory are None)."""
     window, windows = window_layout(predictor, shape, batch_size)
     per_batch = bare_network_seconds(predictor, window, batch_size, device, precision)
-    network_s = per_batch * windows / batch_size
     flops = count_flops(predictor.cfg, window) * windows
     volume_mib = round(int(np.prod(shape)) * 4 / 2 ** 20, 4)
     row = StepRow(name, tuple(shape), tuple(float(s) for s in spacing_mm), window, windows, batch_size, None,
-                  round(network_s, 4), None, None, volume_mib, None, flops / 1e12, None)
+                  None, None, round(per_batch * windows / batch_size, 4), None, volume_mib, None, flops / 1e12, None)
     if max_windows is not None and windows > max_windows:
         return row
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with PeakHostMemory() as host:
-        step_s = sampler_step_seconds(predictor, shape, spacing_mm, device, steps, batch_size, precision)
+        step_s, network_s = sampler_step_seconds(predictor, shape, spacing_mm, device, steps, batch_size, precision)
     row.step_s = round(step_s, 4)
+    row.network_s = round(network_s, 4)
     row.machinery_s = round(step_s - network_s, 4)
     row.peak_host_mib = None if host.peak_bytes is None else round(host.peak_bytes / 2 ** 20, 1)
     if device.type == "cuda":
@@ -453,7 +479,7 @@ def run_speed(*, quick: bool = False, device: str = "auto", steps: int = 1, batc
         report.steps.append(row)
         if row.step_s is None:
             report.notes.append(f"{name} on {shape}: sampler step not run ({row.windows} windows > --max-windows "
-                                f"{max_windows}); its network time is {row.network_s:.1f} s per step")
+                                f"{max_windows}); its bare network time is {row.bare_network_s:.1f} s per step")
         log(f"  step {name} {shape}: {row.step_s} s ({row.windows} windows)")
     base_cfg = preset("tiny" if quick else "base")
     base_shape = (16, 24, 20) if quick else BASE_SHAPE
@@ -501,11 +527,13 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 def format_report(report: SpeedReport) -> str:
     """Markdown tables of a :class:`SpeedReport`."""
     parts = [f"Device {report.device}, {report.threads} CPU thread(s), torch {report.torch_version}.", "",
-             "Sampling steps (seconds per step; network = bare network on the same windows; memory in MiB):", "",
+             "Sampling steps (seconds per step; network = inside the network calls of the step, machinery = "
+             "the rest; bare network = the same windows from one batch of pre-built inputs; memory in MiB):", "",
              _table(("model", "volume (k, j, i)", "mm", "windows", "step s", "network s", "machinery s",
-                     "machinery %", "host peak MiB", "x volume", "device peak MiB", "TFLOP/s"),
+                     "machinery %", "bare network s", "host peak MiB", "x volume", "device peak MiB", "TFLOP/s"),
                     [(r.model, r.shape, r.spacing_mm, r.windows, r.step_s, r.network_s, r.machinery_s,
-                      round(100 * r.machinery_s / r.step_s, 1) if r.step_s else None, r.peak_host_mib,
+                      round(100 * r.machinery_s / r.step_s, 1) if r.step_s else None, r.bare_network_s,
+                      r.peak_host_mib,
                       round(r.peak_host_mib / r.volume_mib, 2) if r.peak_host_mib is not None and r.volume_mib else None,
                       r.peak_device_mib, r.achieved_tflops) for r in report.steps]),
              "", "FLOP floor of 50 steps (bf16 peak of the GPU):", "",
