@@ -72,20 +72,24 @@ def graph_name(model_dir: Path, controlnet_dir: Optional[Path] = None) -> str:
 
 
 # --------------------------------------------------------------------------------- export
+# The network call's arguments, by name: the ONNX predictor takes exactly these.
+PREDICTOR_SIGNATURE = inspect.signature(NoisePredictor.forward)
+
+
 class _Graph(nn.Module):
-    """The predictor with every argument a tensor (the exporter's calling shape)."""
+    """The predictor with every argument a tensor (the exporter's calling shape), passed by name
+    to the arguments ``NoisePredictor.forward`` has."""
 
     def __init__(self, predictor: NoisePredictor):
         super().__init__()
         self.predictor = predictor
-        # TODO(remove when every NoisePredictor takes spacing): older networks ignore it.
-        self._spacing = "spacing" in inspect.signature(type(predictor).forward).parameters
 
     def forward(self, x_t, t, coords, anatomy_channels, region, spacing, control=None, control_scale=None):
-        args = (x_t, t, coords, anatomy_channels, region) + ((spacing,) if self._spacing else ())
-        if control is None:
-            return self.predictor(*args)
-        return self.predictor(*args, control=control, control_scale=control_scale)
+        named = {"x_t": x_t, "t": t, "coords": coords, "anatomy_channels": anatomy_channels, "region": region,
+                 "spacing": spacing}
+        if control is not None:
+            named.update(control=control, control_scale=control_scale)
+        return self.predictor(**{k: v for k, v in named.items() if k in PREDICTOR_SIGNATURE.parameters})
 
 
 def _example_inputs(cfg: ModelConfig, control_channels: int, batch: int = 2) -> dict[str, torch.Tensor]:
@@ -251,28 +255,27 @@ class OnnxPredictor(nn.Module):
         if not set(self.input_names) <= set(known) or "x_t" not in self.input_names:
             raise ValueError(f"{path} takes inputs {self.input_names}, expected some of {list(known)}: export it again")
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, coords: torch.Tensor, anatomy_channels: torch.Tensor,
-                region: torch.Tensor, spacing: torch.Tensor, control: Optional[torch.Tensor] = None,
-                control_scale: float = 1.0) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         """Predict epsilon (B, 1, D, H, W) float32 on ``x_t``'s device.
 
-        Args:
-            x_t: (B, 1, D, H, W) noisy windows, model units.
-            t: (B,) integer timesteps.
-            coords: (B, 3, D, H, W) whole-volume coordinates in [-1, 1].
-            anatomy_channels: (B, A, D, H, W) anatomy condition.
-            region: (B,) region indices (0 = null).
-            spacing: (B, 3) voxel size in mm per axis (k, j, i).
-            control: (B, C, D, H, W) ControlNet condition (required with a ControlNet).
-            control_scale: ControlNet conditioning scale.
+        Takes exactly the arguments of :meth:`NoisePredictor.forward` (:data:`PREDICTOR_SIGNATURE`):
+        x_t (B, 1, D, H, W) noisy windows; t (B,) integer timesteps; coords (B, 3, D, H, W)
+        whole-volume coordinates in [-1, 1]; anatomy_channels (B, A, D, H, W); region (B,)
+        indices (0 = null); spacing (B, 3) mm per axis (k, j, i), where the network takes it;
+        control (B, C, D, H, W) (required with a ControlNet); control_scale (float).
         """
+        call = PREDICTOR_SIGNATURE.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        x_t, control = a["x_t"], a.get("control")
         if self.controlnet is not None and control is None:
             raise ValueError("this model has a ControlNet: a control condition is required")
-        values = {"x_t": lambda: x_t.float(), "t": lambda: t.long(), "coords": lambda: coords.float(),
-                  "anatomy_channels": lambda: anatomy_channels.float(), "region": lambda: region.long(),
-                  "spacing": lambda: torch.as_tensor(spacing, dtype=torch.float32, device=x_t.device),
+        values = {"x_t": lambda: x_t.float(), "t": lambda: a["t"].long(), "coords": lambda: a["coords"].float(),
+                  "anatomy_channels": lambda: a["anatomy_channels"].float(), "region": lambda: a["region"].long(),
+                  "spacing": lambda: torch.as_tensor(a["spacing"], dtype=torch.float32, device=x_t.device),
                   "control": lambda: control.float(),
-                  "control_scale": lambda: torch.tensor(float(control_scale), dtype=torch.float32, device=x_t.device)}
+                  "control_scale": lambda: torch.tensor(float(a["control_scale"]), dtype=torch.float32,
+                                                        device=x_t.device)}
         # only what the graph takes: the exporter drops inputs the network ignores
         feeds = {n: values[n]() for n in self.input_names}
         if x_t.is_cuda and self.providers[0] == "CUDAExecutionProvider":

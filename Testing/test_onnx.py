@@ -43,19 +43,18 @@ def _window_inputs(cfg, shape, batch, control_channels=0, seed=0):
     return inputs, control
 
 
-def _torch_call(predictor, inputs, control=None, scale=1.0):
+def _args(inputs):
+    """Positional arguments of NoisePredictor.forward (spacing where it takes it)."""
     x, t, coords, anat, region, spacing = inputs
-    args = (x, t, coords, anat, region) + ((spacing,) if "spacing" in _forward_params() else ())
+    return (x, t, coords, anat, region) + ((spacing,) if "spacing" in onnx_backend.PREDICTOR_SIGNATURE.parameters
+                                           else ())
+
+
+def _torch_call(predictor, inputs, control=None, scale=1.0):
     with torch.no_grad():
         if control is None:
-            return predictor(*args)
-        return predictor(*args, control=control, control_scale=scale)
-
-
-def _forward_params():
-    import inspect
-
-    return inspect.signature(NoisePredictor.forward).parameters
+            return predictor(*_args(inputs))
+        return predictor(*_args(inputs), control=control, control_scale=scale)
 
 
 def test_export_is_cached_by_weights_and_matches_torch_for_any_batch_and_window(tiny_model_dir, onnx_cache):
@@ -75,7 +74,7 @@ def test_export_is_cached_by_weights_and_matches_torch_for_any_batch_and_window(
     for shape, batch in (((16, 16, 16), 3), ((8, 16, 12), 1)):
         inputs, _ = _window_inputs(torch_predictor.cfg, shape, batch)
         expected = _torch_call(torch_predictor, inputs)
-        got = onnx_predictor(*inputs)
+        got = onnx_predictor(*_args(inputs))
         assert got.shape == expected.shape and got.dtype == torch.float32
         assert float((got - expected).abs().max()) < NETWORK_TOLERANCE
 
@@ -93,12 +92,14 @@ def test_controlnet_graph_uses_its_condition_and_scale(tiny_model_dir, tiny_cont
     outs = []
     for scale in (1.0, 0.3):
         expected = _torch_call(torch_predictor, inputs, control, scale)
-        got = onnx_predictor(*inputs, control=control, control_scale=scale)
+        got = onnx_predictor(*_args(inputs), control=control, control_scale=scale)
         assert float((got - expected).abs().max()) < NETWORK_TOLERANCE
         outs.append(got)
     assert float((outs[0] - outs[1]).abs().max()) > 1e-4, "control_scale had no effect"
     with pytest.raises(ValueError, match="control condition is required"):
-        onnx_predictor(*inputs)
+        onnx_predictor(*_args(inputs))
+    with pytest.raises(TypeError):  # not an argument of NoisePredictor.forward
+        onnx_predictor(*_args(inputs), control=control, guidance=2.0)
 
 
 def test_new_weights_get_a_new_graph(tiny_model_dir, make_tiny_model, tmp_path, onnx_cache):
@@ -127,8 +128,10 @@ def test_task_gives_the_same_output_on_both_backends(task, task_phantom, tiny_mo
     assert a.array.shape == b.array.shape
     np.testing.assert_array_equal(a.ijk_to_ras, b.ijk_to_ras)
     diff = np.abs(a.array.astype(np.float64) - b.array)
+    print(f"{task}: max |torch - onnx| {diff.max():.3g} HU")
     assert diff.max() < PARITY_HU, f"max difference {diff.max():.4g} HU"
-    assert np.abs(a.array - image.array).max() > 1.0 or task == "superres"  # the task did something
+    if task == "denoise":  # the task did something
+        assert np.abs(a.array - image.array).max() > 1.0
 
 
 def test_cuda_request_without_a_cuda_provider_is_refused_before_work():
