@@ -126,10 +126,11 @@ def _window_inputs(cfg: ModelConfig, window: tuple[int, ...], batch: int, device
 
 
 def _call_args(predictor, inputs: dict) -> tuple:
-    """Positional arguments of ``NoisePredictor.forward`` (spacing only where it takes it)."""
+    """Positional arguments of ``NoisePredictor.forward``, which every predictor takes (spacing
+    only where it has it)."""
     import inspect
 
-    names = list(inspect.signature(type(predictor).forward).parameters)[1:]
+    names = list(inspect.signature(NoisePredictor.forward).parameters)[1:]
     return tuple(inputs[n] for n in names if n in inputs)
 
 
