@@ -220,7 +220,7 @@ def run_case(case: Case, task: str, params: dict, out: Path, *, model=None, cont
 
     runner = runner or run_task
     final = out / "cases" / case.id
-    partial = out / ".partial" / f"{case.id}.{os.getpid()}"
+    partial = out / ".partial" / f"{case.id}@{os.getpid()}"  # "@" never occurs in an id
     t0 = time.monotonic()
     try:
         request = _request(case, params, region)
@@ -339,7 +339,7 @@ def run_batch(manifest: str | os.PathLike, task: str, params: dict, out: str | o
     from .tasks.registry import check_params, task_spec
 
     spec = task_spec(task)
-    check_params(task, {k: v for k, v in params.items() if k in spec.params})  # fail before any work
+    check_params(task, params)  # unknown names and out-of-range values fail before any work
     cases = read_manifest(manifest, needs_image=spec.needs_image)
     if spec.needs_mask and any(c.mask is None for c in cases):
         missing = [c.id for c in cases if c.mask is None]
@@ -350,7 +350,7 @@ def run_batch(manifest: str | os.PathLike, task: str, params: dict, out: str | o
     (out / "cases").mkdir(parents=True, exist_ok=True)
     mine = shard(cases, rank, world)
     for case in mine:  # leftovers of a killed run (only this rank writes this case's partial folder)
-        for stale in (out / ".partial").glob(f"{case.id}.*"):
+        for stale in (out / ".partial").glob(f"{case.id}@*"):
             shutil.rmtree(stale, ignore_errors=True)
     todo = [c for c in mine if not (out / "cases" / c.id / "result.json").is_file()
             and (retry_failed or not (out / "failed" / f"{c.id}.json").is_file())]
