@@ -142,3 +142,20 @@ def test_cuda_request_without_a_cuda_provider_is_refused_before_work():
         onnx_backend.providers_for("cuda")
     assert onnx_backend.providers_for("auto") == ["CPUExecutionProvider"]
     assert onnx_backend.sampler_device("cpu") == torch.device("cpu")
+
+
+def test_export_command_writes_the_foundation_model_and_each_controlnet(tiny_model_dir, tiny_controlnet_dirs,
+                                                                        tmp_path, onnx_cache, capsys):
+    from MedDiffFMLib import cli
+
+    out = tmp_path / "graphs"
+    argv = ["export-onnx", "--model", str(tiny_model_dir), "--controlnet", *map(str, tiny_controlnet_dirs.values()),
+            "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("max |onnx - torch|" in line for line in lines)
+    names = sorted(p.name for p in out.glob("*.onnx"))
+    assert len(names) == 3 and sum("superres" in n for n in names) == 1 and sum("lesion" in n for n in names) == 1
+    assert all((out / (n + ".json")).is_file() for n in names)
+    assert not onnx_cache.exists()  # --output-dir, not the cache
+    assert cli.main(argv) == 0 and capsys.readouterr().out.count("cached") == 3
