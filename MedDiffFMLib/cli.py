@@ -67,8 +67,8 @@ def _add_task_params(p: argparse.ArgumentParser, task: str) -> None:
         if spec.type is bool:
             group.add_argument(flag, dest=name, default=spec.default, action=argparse.BooleanOptionalAction,
                                help=f"{spec.help} (default: {spec.default})")
-        elif spec.type is object:
-            group.add_argument(flag, dest=name, default=spec.default, nargs=3, type=float,
+        elif spec.length is not None:
+            group.add_argument(flag, dest=name, default=spec.default, nargs=spec.length, type=spec.type,
                                help=f"{spec.help} (default: {spec.default})")
         else:
             group.add_argument(flag, dest=name, type=spec.type, default=spec.default, choices=spec.choices,
@@ -99,8 +99,6 @@ def _write_outputs(result, main_name: str, output: Path, label_names=None) -> li
     return written
 
 
-MAIN_OUTPUT = {"denoise": "denoised", "anomaly": "anomaly_map", "synthesize": "synthetic", "superres": "superres",
-               "lesion": "lesion", "inpaint": "inpainted"}
 
 
 def _run_task_command(args, task: str) -> int:
@@ -139,7 +137,9 @@ def _run_task_command(args, task: str) -> int:
     finally:
         if bar is not None:
             bar.close()
-    written = _write_outputs(result, MAIN_OUTPUT[task], output)
+    from .tasks.registry import task_spec
+
+    written = _write_outputs(result, task_spec(task).primary_volume, output)
     for m in result.messages:
         print(f"note: {m}")
     print(f"{task}: {result.summary} [{time.monotonic() - t0:.1f} s]")
@@ -185,6 +185,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0)")
     data.add_argument("--phantom-fov", type=float, nargs=3, default=(192.0, 256.0, 256.0),
                       metavar=("K_MM", "J_MM", "I_MM"), help="phantom field of view in mm (default 192 256 256)")
+    data.add_argument("--phantom-max-voxels", type=int, default=4_000_000,
+                      help="phantoms: at most this many voxels per case (the slab along k is shortened)")
     data.add_argument("--phantom-noise", type=float, default=0.0,
                       help="CT noise (HU) in training phantoms (default 0: learn clean anatomy)")
     run = p.add_argument_group("run")
@@ -223,8 +225,8 @@ def _model_config(args):
     overrides = {}
     if args.window:
         overrides["window"] = args.window
-    if args.spacing:
-        overrides["spacing_mm"] = args.spacing
+    if args.spacing_range:
+        overrides["spacing_range_mm"] = tuple(args.spacing_range)
     if args.channels:
         overrides["channels"] = tuple(args.channels)
         overrides.setdefault("attention_levels", tuple([False] * (len(args.channels) - 1) + [True]))
@@ -244,7 +246,16 @@ def cmd_train(args) -> int:
     cases = _image_cases(args, cfg)
     if not cases:
         raise SystemExit("error: no training data: give --data and/or --phantoms N")
-    return _train(Trainer(cases, args.out, _train_options(args), cfg, device=args.device), args, "train")
+    trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device)
+    if args.init_from and not args.resume:
+        from safetensors.torch import load_file
+
+        from .training import warm_start
+
+        fresh = warm_start(trainer.model, load_file(str(Path(args.init_from) / "model.safetensors")))
+        trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
+        print(f"initialised from {args.init_from} ({len(fresh)} tensors kept fresh)")
+    return _train(trainer, args, "train")
 
 
 def _train(trainer, args, what: str) -> int:
@@ -259,7 +270,7 @@ def _train(trainer, args, what: str) -> int:
     return 0
 
 
-def _image_cases(args, cfg) -> list:
+def _image_cases(args, cfg, thin_slices: bool = False) -> list:
     """Cases from --data and/or --phantoms (image-only training data)."""
     from .training import manifest_cases, phantom_cases
 
@@ -268,12 +279,14 @@ def _image_cases(args, cfg) -> list:
         cases += manifest_cases(args.data, cfg, args.region)
     if args.phantoms:
         cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
-                               noise_hu=args.phantom_noise)
+                               noise_hu=args.phantom_noise, max_voxels=args.phantom_max_voxels,
+                               thin_slices=thin_slices)
     return cases
 
 
 def cmd_finetune(args) -> int:
     from .checkpoint import load_base, sha256_file
+    from .conditions import CONTROL_CHANNELS
     from .finetune import lesion_phantom_cases, superres_cases
     from .networks import ControlNetConfig
     from .training import Trainer
@@ -283,23 +296,19 @@ def cmd_finetune(args) -> int:
     cfg = base.cfg
     params = {}
     if args.task == "superres":
-        factor = tuple(int(f) for f in args.factor)
-        if min(factor) < 1:
-            raise SystemExit("error: --factor values must be >= 1")
-        params["factor"] = list(factor)
-        cases = superres_cases(_image_cases(args, cfg), factor)
-        channels = 1
+        factors = tuple(int(f) for f in args.factors)
+        params["factors"] = list(factors)
+        cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors)
     else:
         cases = []
         if args.data:
             cases += _lesion_manifest(args.data, cfg, args.region)
         if args.phantoms:
             cases += lesion_phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, lesions=args.lesions,
-                                          fov_mm=args.phantom_fov)
-        channels = 2
+                                          fov_mm=args.phantom_fov, max_voxels=args.phantom_max_voxels)
     if not cases:
         raise SystemExit("error: no training data: give --data and/or --phantoms N")
-    cn_cfg = ControlNetConfig(task=args.task, control_channels=channels, base=cfg,
+    cn_cfg = ControlNetConfig(task=args.task, control_channels=CONTROL_CHANNELS[args.task], base=cfg,
                               base_sha256=sha256_file(base_dir / "model.safetensors"), params=params)
     trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device, base=base,
                       controlnet_cfg=cn_cfg)
@@ -451,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", default="small", choices=("base", "small", "tiny"),
                        help="network size: base (the paper's, 128^3 windows at 1 mm), small (CPU demo), tiny (tests)")
     model.add_argument("--window", type=int, default=None, help="override the preset's window edge (voxels)")
-    model.add_argument("--spacing", type=float, default=None, help="override the preset's isotropic spacing (mm)")
+    model.add_argument("--spacing-range", type=float, nargs=2, default=None, metavar=("MIN_MM", "MAX_MM"),
+                       help="override the voxel sizes the model is trained for (the condition is clamped to them)")
+    model.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                       help="start from an earlier model's weights where they fit (new input channels start at 0)")
     model.add_argument("--channels", type=int, nargs="+", default=None, help="override the channels per level")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -467,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "convolutions; the base stays frozen. Same machinery as train (EMA, resume, DDP).")
     p.add_argument("--base", default=None, help="base model directory or registry id (default: the bundled demo)")
     p.add_argument("--task", required=True, choices=("superres", "lesion"), help="which ControlNet")
-    p.add_argument("--factor", type=int, nargs=3, default=(4, 1, 1), metavar=("FK", "FJ", "FI"),
-                   help="superres: thick-slice simulation factor per axis (k, j, i) (default 4 1 1)")
+    p.add_argument("--factors", type=int, nargs="+", default=(2, 3, 4, 5, 6), choices=(2, 3, 4, 5, 6),
+                   metavar="F", help="superres: slab factors along k drawn per sample (default 2 3 4 5 6)")
     p.add_argument("--lesions", type=int, default=3, help="lesion: lesions per training phantom (default 3)")
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)

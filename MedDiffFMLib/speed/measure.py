@@ -150,8 +150,8 @@ def _sampler(predictor, device: torch.device, steps: int, batch_size: int, preci
 
 def window_layout(predictor, shape: Sequence[int], batch_size: int = 4) -> tuple[tuple[int, ...], int]:
     """(window size, window count) of one step over a volume of ``shape``."""
-    win, _, slices = _sampler(predictor, torch.device("cpu"), 1, batch_size, "fp32").layout(tuple(shape))
-    return tuple(win), len(slices)
+    layout = _sampler(predictor, torch.device("cpu"), 1, batch_size, "fp32").layout(tuple(shape))
+    return tuple(layout.window), len(layout.slices)
 
 
 def sampler_step_seconds(predictor, shape: Sequence[int], spacing_mm: Sequence[float], device: torch.device,
@@ -165,6 +165,7 @@ def sampler_step_seconds(predictor, shape: Sequence[int], spacing_mm: Sequence[f
     sampler = _sampler(timed, device, steps, batch_size, precision)
     _sync(device)
     t0 = time.perf_counter()
-    sampler.sample(tuple(shape), Condition(region=REGION_INDEX["abdomen"]))
+    sampler.sample(tuple(shape), Condition(spacing=tuple(float(v) for v in spacing_mm),
+                                           region=REGION_INDEX["abdomen"]))
     _sync(device)
     return (time.perf_counter() - t0) / steps, timed.seconds / steps
