@@ -102,7 +102,8 @@ def _example_inputs(cfg: ModelConfig, control_channels: int, batch: int = 2) -> 
         "coords": torch.rand(batch, 3, w, w, w, generator=gen) * 2 - 1,
         "anatomy_channels": (torch.rand(batch, cfg.anatomy_channels, w, w, w, generator=gen) > 0.9).float(),
         "region": torch.arange(batch) % (cfg.num_regions + 1),
-        "spacing": torch.full((batch, 3), float(cfg.spacing_mm)),
+        # voxel sizes (k, j, i) in mm, different per window so the graph keeps the input in use
+        "spacing": torch.tensor([cfg.clamp_spacing((1.0 + 1.5 * (b % 2), 0.7, 0.8)) for b in range(batch)]),
     }
     if control_channels:
         inputs["control"] = torch.randn(batch, control_channels, w, w, w, generator=gen)
@@ -367,6 +368,8 @@ def _cmd_export(args) -> int:
                 continue  # no ControlNet registered for this task
             if read_config(cn).get("base_sha256") in ("", base_sha):  # trained on this foundation model
                 controlnets.append(cn)
+            else:
+                print(f"export-onnx: skipped ControlNet {cn.name}: it was trained on another foundation model")
     else:
         controlnets = [Path(weights.resolve_model(c, kind="controlnet")) for c in args.controlnet]
     for cn in [None, *controlnets]:

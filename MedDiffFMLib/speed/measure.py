@@ -84,7 +84,7 @@ def _window_inputs(cfg: ModelConfig, window: tuple[int, ...], batch: int, device
             "coords": torch.rand(batch, 3, *window, device=device) * 2 - 1,
             "anatomy_channels": torch.zeros(batch, cfg.anatomy_channels, *window, device=device),
             "region": torch.full((batch,), REGION_INDEX["abdomen"], dtype=torch.long, device=device),
-            "spacing": torch.full((batch, 3), float(cfg.spacing_mm), device=device)}
+            "spacing": torch.tensor([cfg.clamp_spacing((1.0, 1.0, 1.0))] * batch, device=device)}
 
 
 def _call_args(predictor, inputs: dict) -> tuple:
