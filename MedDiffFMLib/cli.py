@@ -432,6 +432,8 @@ def cmd_benchmark(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiff-fm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (default 0: "
+                        "OMP_NUM_THREADS, else the CPUs this process may use, shared among torchrun's processes)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="pretrain the foundation model (single process or torchrun DDP)",
@@ -515,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="image file; labels and lesion mask are written beside it (<name>_labels, <name>_lesions)")
     p.set_defaults(func=cmd_phantom)
+
+    from . import batch, onnx_backend  # their commands live with their code
+
+    batch.add_cli(sub)
+    onnx_backend.add_cli(sub)
     return parser
 
 
@@ -523,6 +530,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        from .threads import set_threads
+
+        set_threads(args.threads)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:

@@ -69,10 +69,10 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
         raise ValueError(f"request must be a TaskRequest, got {type(request).__name__}")
     params = check_params(task, request.params)
     mod = importlib.import_module(f".{spec.module}", __name__)
-    dev = resolve_device(device)
+    dev = resolve_device(device, params["backend"])
     models = Models.resolve(spec, model, controlnet)
     plan = mod.prepare(request, params, models)
-    predictor = load_predictor(models, dev)
+    predictor = load_predictor(models, dev, params["backend"], device)
     cancel_flag = as_cancel_flag(cancel)
     guard = _InputGuard(request)
     batch = params["batch_size"]
