@@ -16,7 +16,8 @@ One reader per format:
 Writing: NIfTI with nibabel (sform and qform both set, code 1 "scanner", units mm); ``.nrrd``
 (gzip) and ``.mha`` with SimpleITK. Detached-header formats (``.nhdr``, ``.mhd``) and DICOM
 are read-only here. Every write goes to a temporary file in the target folder that then
-replaces the target (``os.replace``), so a failed write leaves no partial output.
+replaces the target (``os.replace``), so a failed or interrupted write leaves no partial
+output and no temporary file (:class:`StagedWrites` does the same for several files at once).
 
 Label names travel in a JSON sidecar next to the label map: ``<stem>.labels.json`` (for
 ``liver.nii.gz`` that is ``liver.labels.json``), mapping label value (as a string) to name,
@@ -25,10 +26,11 @@ e.g. ``{"5": "liver"}``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -78,6 +80,10 @@ def _unsupported(path: Path, supported: tuple[str, ...], verb: str) -> ValueErro
     )
 
 
+class _ComplexImage(ValueError):
+    """A complex-valued file: refused with its own message, not as "corrupt"."""
+
+
 def _to_3d(array: np.ndarray, path: Path, axes: str) -> np.ndarray:
     """Drop trailing singleton dimensions beyond the third; refuse anything not 3-D."""
     a = array
@@ -101,12 +107,15 @@ def _read_nifti(path: Path, labels: bool) -> Volume:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ValueError(f"not a NIfTI image ({type(img).__name__})")
+        if np.dtype(img.get_data_dtype()).kind == "c":
+            raise _ComplexImage(f"{str(path)!r} holds complex values ({img.get_data_dtype()}); "
+                                "only real-valued images are supported")
         if labels:
             data = np.asanyarray(img.dataobj)  # stored dtype unless the header asks for scaling
         else:
             data = img.get_fdata(dtype=np.float32, caching="unchanged")
         affine = np.asarray(img.affine, dtype=np.float64)
-    except FileNotFoundError:
+    except (FileNotFoundError, _ComplexImage):
         raise
     except Exception as e:  # nibabel raises many types for corrupt/truncated files
         raise ValueError(f"could not read NIfTI file {str(path)!r} (corrupt or truncated?): {e}") from e
@@ -151,6 +160,8 @@ def _sitk_to_volume(image, path: Path) -> tuple[np.ndarray, np.ndarray]:
             "only 3-D images (or 4-D with a single volume) are supported"
         )
     array = sitk.GetArrayFromImage(image)  # (..., k, j, i)
+    if array.dtype.kind == "c":
+        raise ValueError(f"{str(path)!r} holds complex values ({array.dtype}); only real-valued images are supported")
     array = array.reshape(array.shape[-3:]) if dim > 3 else array
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
@@ -273,6 +284,23 @@ def read_labelmap(path: str | os.PathLike) -> tuple[Volume, dict[int, str] | Non
     return vol, read_label_names(label_sidecar_path(path))
 
 
+def read_mask(path: str | os.PathLike) -> Volume:
+    """Read a mask of any numeric type: every non-zero voxel is inside (so 0/1, 0/255 and
+    0/0.5 masks all work). Returns a bool volume.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: as :func:`read_volume`, or the mask holds NaN or infinite values.
+    """
+    vol = _load(path, labels=True)
+    a = np.asarray(vol.array)
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ValueError(f"the mask {str(path)!r} holds NaN or infinite values; a mask is 0 outside and "
+                         "non-zero inside")
+    vol.array = a != 0
+    return vol
+
+
 def read_label_names(sidecar: str | os.PathLike) -> dict[int, str] | None:
     """Label names from a ``.labels.json`` sidecar, or None if the file does not exist."""
     p = Path(sidecar)
@@ -298,46 +326,8 @@ def _label_dtype(a: np.ndarray) -> np.dtype:
     raise ValueError(f"label values [{lo}, {hi}] do not fit in int32")
 
 
-def _atomic_write(target: Path, ext: str, write) -> None:
-    folder = target.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {str(folder)!r}")
-    fd, tmp = tempfile.mkstemp(dir=str(folder), prefix=f".{_stem(target)}.", suffix=f".tmp{ext}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_volume(
-    path: str | os.PathLike,
-    volume: Volume,
-    label_names: Mapping[int, str] | None = None,
-    *,
-    compress: bool = True,
-) -> None:
-    """Write a volume to ``.nii``, ``.nii.gz`` (nibabel), ``.nrrd`` or ``.mha`` (SimpleITK).
-
-    Floating-point arrays are written as float32; bool and integer arrays (label maps,
-    masks) as uint8 when all values fit in [0, 255], else int16, else int32. The write is
-    atomic (temporary file in the same folder, then ``os.replace``). With ``label_names``,
-    a ``<stem>.labels.json`` sidecar is written (also atomically) after the volume; without,
-    an existing sidecar is left untouched.
-
-    Args:
-        compress: gzip the voxel data of ``.nrrd`` / ``.mha`` (NIfTI compression is chosen by
-            ``.nii.gz`` vs ``.nii``).
-    """
-    p = Path(path)
-    ext = _extension(p)
-    if ext not in WRITE_EXTENSIONS:
-        raise _unsupported(p, WRITE_EXTENSIONS, "write")
+def _prepare(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The array as it is written (dtype chosen as :func:`write_volume` says) and the checked matrix."""
     m = validate_ijk_to_ras(volume.ijk_to_ras)
     a = np.asarray(volume.array)
     if a.ndim != 3:
@@ -351,19 +341,137 @@ def write_volume(
         a = a.astype(np.float32, copy=False)
     else:
         raise ValueError(f"cannot write an array of dtype {a.dtype}")
-    a = np.ascontiguousarray(a)
+    return np.ascontiguousarray(a), m
 
-    if ext in NIFTI_EXTENSIONS:
-        _atomic_write(p, ext, lambda tmp: _write_nifti(tmp, a, m))
-    else:
-        _atomic_write(p, ext, lambda tmp: _write_itk(tmp, a, m, compress))
 
-    if label_names is not None:
-        text = json.dumps({str(int(k)): str(v) for k, v in sorted(label_names.items())}, indent=1)
-        sidecar = label_sidecar_path(p)
+class StagedWrites:
+    """Several files written all or none.
 
-        def _write_json(tmp: str) -> None:
+    :meth:`add` writes each file to a temporary file beside its target (named
+    ``.<stem>.<random>.tmp<ext>``, created with the usual permissions, i.e. 0666 less the
+    umask); :meth:`commit` renames them all into place (``os.replace``). On any error,
+    interrupt or :meth:`discard` before the commit, every temporary file is removed and no
+    target is touched. As a context manager it discards on an exception and commits
+    otherwise. Error messages name the target, never the temporary file.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def __enter__(self) -> "StagedWrites":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+    @property
+    def targets(self) -> list[Path]:
+        return [target for _, target in self._staged]
+
+    def add(self, path: str | os.PathLike, volume: Volume, label_names: Mapping[int, str] | None = None, *,
+            compress: bool = True) -> None:
+        """Stage ``volume`` for ``path`` (and its label-name sidecar with ``label_names``);
+        the same rules as :func:`write_volume`."""
+        p = Path(path)
+        ext = _extension(p)
+        if ext not in WRITE_EXTENSIONS:
+            raise _unsupported(p, WRITE_EXTENSIONS, "write")
+        a, m = _prepare(volume)
+        if ext in NIFTI_EXTENSIONS:
+            self._stage(p, ext, lambda tmp: _write_nifti(tmp, a, m))
+        else:
+            self._stage(p, ext, lambda tmp: _write_itk(tmp, a, m, compress))
+        if label_names is not None:
+            text = json.dumps({str(int(k)): str(v) for k, v in sorted(label_names.items())}, indent=1) + "\n"
+            self.add_text(label_sidecar_path(p), text)
+
+    def add_text(self, path: str | os.PathLike, text: str) -> None:
+        """Stage a UTF-8 text file (a JSON sidecar, a report)."""
+        p = Path(path)
+
+        def _write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+                f.write(text)
 
-        _atomic_write(sidecar, ".json", _write_json)
+        self._stage(p, _extension(p) or ".txt", _write)
+
+    def _stage(self, target: Path, ext: str, write) -> None:
+        folder = target.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"output folder does not exist: {str(folder)!r}")
+        if target.is_dir():
+            raise IsADirectoryError(f"output {str(target)!r} is an existing folder, not a file")
+        tmp = None
+        try:
+            for _ in range(100):
+                name = folder / f".{_stem(target)}.{secrets.token_hex(6)}.tmp{ext}"
+                self._staged.append((name, target))  # known before it exists: an interrupt cleans it up
+                try:
+                    # O_EXCL: never reuse someone else's file; mode 0666 less the umask
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    tmp = name
+                    break
+                except FileExistsError:
+                    self._staged.pop()
+            if tmp is None:
+                raise FileExistsError(f"could not create a temporary file in {str(folder)!r}")
+            write(str(tmp))
+        except BaseException as e:
+            self.discard()
+            if not isinstance(e, Exception) or tmp is None:
+                raise
+            # say what failed in terms of the target: the temporary file no longer exists
+            text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).replace(str(tmp), str(target))
+            if isinstance(e, OSError):
+                raise OSError(e.errno or errno.EIO, f"could not write {str(target)!r}: {text}") from None
+            kind = ValueError if isinstance(e, ValueError) else RuntimeError
+            raise kind(f"could not write {str(target)!r}: {text}") from None
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place; returns the targets."""
+        staged, self._staged = self._staged, []
+        try:
+            for tmp, target in staged:
+                os.replace(tmp, target)
+        except BaseException:
+            self._staged = [(t, target) for t, target in staged if t.exists()]
+            self.discard()
+            raise
+        return [target for _, target in staged]
+
+    def discard(self) -> None:
+        """Remove every staged temporary file (targets are untouched)."""
+        staged, self._staged = self._staged, []
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_volume(
+    path: str | os.PathLike,
+    volume: Volume,
+    label_names: Mapping[int, str] | None = None,
+    *,
+    compress: bool = True,
+) -> None:
+    """Write a volume to ``.nii``, ``.nii.gz`` (nibabel), ``.nrrd`` or ``.mha`` (SimpleITK).
+
+    Floating-point arrays are written as float32; bool and integer arrays (label maps,
+    masks) as uint8 when all values fit in [0, 255], else int16, else int32. The write is
+    atomic (:class:`StagedWrites`: a temporary file in the same folder, then ``os.replace``;
+    nothing is left behind on failure). With ``label_names``, a ``<stem>.labels.json``
+    sidecar is written in the same all-or-nothing step; without, an existing sidecar is left
+    untouched. Files get the usual permissions (0666 less the umask).
+
+    Args:
+        compress: gzip the voxel data of ``.nrrd`` / ``.mha`` (NIfTI compression is chosen by
+            ``.nii.gz`` vs ``.nii``).
+    """
+    with StagedWrites() as staged:
+        staged.add(path, volume, label_names, compress=compress)

@@ -21,9 +21,16 @@ def fake_safetensors(path: Path, payload: bytes = b"\x00" * 16) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
 
 
+# A valid foundation config.json (every required key; the weights are fake bytes).
+BASE_CONFIG = {"kind": "base", "format": "meddiff-fm/1", "name": "tiny", "window": 16, "spacing_mm": 1.0,
+               "channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+               "norm_num_groups": 8, "coord_frequencies": 2, "num_regions": 3, "anatomy_channels": 14,
+               "num_train_timesteps": 1000, "schedule": "cosine"}
+
+
 def make_model(d: Path, payload: bytes = b"\x01" * 16, **config) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"kind": "base", "format": "meddiff-fm/1", **config}), encoding="utf-8")
+    (d / "config.json").write_text(json.dumps({**BASE_CONFIG, **config}), encoding="utf-8")
     fake_safetensors(d / "model.safetensors", payload)
     return d
 

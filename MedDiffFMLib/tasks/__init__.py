@@ -91,7 +91,10 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
 
     from .common import load_predictor, resolve_device, resolve_model_dir
 
+    from ..preflight import check_request
+
     mod = _module(task)
+    check_request(task, request)  # types and values before the inputs are locked or any work
     params = check_params(task, request.params, mod.PARAMS)
     dev = resolve_device(device)
     model_dir = resolve_model_dir(model, kind="base")
@@ -104,19 +107,20 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
     cancel_flag = as_cancel_flag(cancel)
     guard = _InputGuard(request)
     batch = int(params.get("batch_size", 4))
-    while True:
-        try:
-            result = mod.run(request, {**params, "batch_size": batch}, predictor, dev, progress, cancel_flag)
-            break
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch <= 1:
-                raise OutOfMemory("the GPU ran out of memory even with one window at a time; "
-                                  "use a smaller window or run on the CPU (device 'cpu')") from None
-            batch = max(1, batch // 2)
-            log.warning("GPU out of memory: retrying with batch_size=%d", batch)
-        finally:
-            guard.check()
+    try:  # the inputs stay locked through every out-of-memory retry
+        while True:
+            try:
+                result = mod.run(request, {**params, "batch_size": batch}, predictor, dev, progress, cancel_flag)
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch <= 1:
+                    raise OutOfMemory("the GPU ran out of memory even with one window at a time; "
+                                      "use a smaller window or run on the CPU (device 'cpu')") from None
+                batch = max(1, batch // 2)
+                log.warning("GPU out of memory: retrying with batch_size=%d", batch)
+    finally:
+        guard.check()
     return result
 
 
