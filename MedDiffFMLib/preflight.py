@@ -74,6 +74,12 @@ def check_request(task: str, request) -> None:
         m = request.mask.array
         if m.dtype.kind == "f" and not np.all(np.isfinite(m)):
             raise ValueError("the mask contains NaN or infinite values; a mask is 0 outside and non-zero inside")
+        if not np.any(m):
+            raise ValueError("the mask is empty (no voxel is non-zero); draw the region first")
+    if request.region not in (None, "", "auto"):
+        from .preprocessing import check_region
+
+        check_region(request.region)
     if request.anatomy is not None:
         a = request.anatomy.array
         if a.dtype.kind == "f" and not (np.all(np.isfinite(a)) and np.array_equal(a, np.rint(a))):

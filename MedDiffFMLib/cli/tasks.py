@@ -134,7 +134,6 @@ def _grid_reference(request, params: dict, model_cfg: dict) -> tuple[tuple, tupl
 
 def _read_inputs(args, spec: TaskSpec):
     from .. import io
-    from ..tasks import TaskRequest
 
     image = io.read_volume(args.input) if getattr(args, "input", None) else None
     if getattr(args, "reference", None):
@@ -160,26 +159,36 @@ def run_task_command(args, spec: TaskSpec) -> int:
               "anatomy": getattr(args, "anatomy", None), "mask": getattr(args, "mask", None)}
     planned = plan(_default_output(args, spec), [(o.kind, o.name, o.primary) for o in spec.outputs])
     check_paths(planned, inputs)
-    device = check_device(args.device)
 
-    # 2. inputs and models
-    from ..checkpoint import read_config
+    # 2. model files (no torch yet: config.json schema, safetensors layout, checksum), inputs, device
+    from .. import weights
+    from ..modelformat import read_config_file
     from ..tasks import TaskRequest
-    from ..tasks.common import resolve_model_dir
 
-    request = TaskRequest(params=params, **_read_inputs(args, spec))
-    preflight.check_request(spec.name, request)
-    model_dir = resolve_model_dir(args.model, kind="base")
-    model_cfg = read_config(model_dir)
+    model_dir = weights.resolve_model(args.model, kind="base")
+    weights.verify(model_dir)
+    model_cfg = read_config_file(model_dir / weights.CONFIG_NAME)
+    step = 2 ** (len(model_cfg["channels"]) - 1)  # the U-Net halves the window this often
+    if params.get("window") and params["window"] % step:
+        raise UsageError(f"parameter '--window' must be a multiple of {step} for this model "
+                         f"({len(model_cfg['channels'])} levels), got {params['window']}")
     controlnet_dir = None
     if spec.controlnet:
-        controlnet_dir = resolve_model_dir(getattr(args, "controlnet", None), kind="controlnet", task=spec.controlnet)
-        read_config(controlnet_dir)
+        controlnet_dir = weights.resolve_model(getattr(args, "controlnet", None), kind="controlnet",
+                                               task=spec.controlnet)
+        weights.verify(controlnet_dir)
+        trained_for = read_config_file(controlnet_dir / weights.CONFIG_NAME)["task"]
+        if trained_for != spec.controlnet:
+            raise UsageError(f"the ControlNet in {controlnet_dir} was trained for {trained_for!r}; task "
+                             f"{spec.name!r} needs a {spec.controlnet!r} ControlNet")
+    request = TaskRequest(params=params, **_read_inputs(args, spec))
+    preflight.check_request(spec.name, request)
+    for warning in preflight.request_warnings(spec.name, request):
+        print(f"warning: {warning}", file=sys.stderr)
+    device = check_device(args.device)
     shape, spacing = _grid_reference(request, params, model_cfg)
     voxels = preflight.grid_voxels(spec.name, shape, spacing, float(model_cfg["spacing_mm"]), params)
     preflight.check_memory(voxels, device, args.max_memory_gb)
-    for warning in preflight.request_warnings(spec.name, request):
-        print(f"warning: {warning}", file=sys.stderr)
 
     # 3. the run
     from .. import tasks

@@ -138,10 +138,10 @@ def _model_config(args):
 
 
 def cmd_train(args) -> int:
-    from ..training import Trainer
-
     _values(args, DATA_OPTIONS, RUN_OPTIONS, MODEL_OPTIONS)
     _check_out(args)
+    from ..training import Trainer
+
     cfg = _model_config(args)
     if args.resume and (Path(args.out) / "model" / "config.json").exists():
         from ..checkpoint import network_config, read_config
@@ -180,14 +180,14 @@ def _image_cases(args, cfg) -> list:
 
 
 def cmd_finetune(args) -> int:
+    _values(args, DATA_OPTIONS, RUN_OPTIONS, FINETUNE_OPTIONS)
+    _check_out(args)
     from ..checkpoint import load_base, sha256_file
     from ..finetune import lesion_phantom_cases, superres_cases
     from ..networks import ControlNetConfig
     from ..tasks.common import resolve_model_dir
     from ..training import Trainer
 
-    _values(args, DATA_OPTIONS, RUN_OPTIONS, FINETUNE_OPTIONS)
-    _check_out(args)
     base_dir = resolve_model_dir(args.base, kind="base")
     base = load_base(base_dir)
     cfg = base.cfg
