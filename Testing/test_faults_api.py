@@ -203,7 +203,9 @@ def test_written_files_respect_the_umask(tmp_path):
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc):
     (tmp_path / "old.nii.gz").write_bytes(b"previous")
-    real = io._write_nifti
+    from MedDiffFMLib.io import write as io_write
+
+    real = io_write._write_nifti
     calls = []
 
     def failing(tmp, *args):
@@ -213,7 +215,7 @@ def test_a_failed_or_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc
             raise exc
         return real(tmp, *args)
 
-    monkeypatch.setattr(io, "_write_nifti", failing)
+    monkeypatch.setattr(io_write, "_write_nifti", failing)
     staged = io.StagedWrites()
     with pytest.raises(type(exc)) as e:
         with staged:

@@ -110,27 +110,34 @@ def one_line(error: BaseException | str) -> str:
     return re.sub(r"^error: ", "", text)
 
 
+def _say(text: str) -> None:
+    """One line on stderr; a closed terminal (SIGHUP) must not turn into a traceback."""
+    try:
+        print(text, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 def report(error: BaseException, verbose: bool = False) -> int:
     """Print ``error`` as one line and return the exit code it stands for."""
     if isinstance(error, Interrupted):
-        print("\ninterrupted: nothing written", file=sys.stderr)
+        _say("\ninterrupted: nothing written")
         return error.exit_code
     if isinstance(error, KeyboardInterrupt):
-        print("\ninterrupted: nothing written", file=sys.stderr)
+        _say("\ninterrupted: nothing written")
         return 128 + int(signal.SIGINT)
     from ..progress import Cancelled
 
     if isinstance(error, Cancelled):
-        print("cancelled: nothing written", file=sys.stderr)
+        _say("cancelled: nothing written")
         return 128 + int(signal.SIGINT)
     if isinstance(error, BAD_INPUT):
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        _say(f"error: {one_line(error)}")
         return EXIT_BAD_INPUT
     if isinstance(error, MemoryError):
-        print("error: out of memory; nothing written. Use a smaller image, a smaller --window or "
-              "--batch-size, or a computer with more memory", file=sys.stderr)
+        _say("error: out of memory; nothing written. Use a smaller image, a smaller --window or "
+             "--batch-size, or a computer with more memory")
         return EXIT_INTERNAL
     hint = "" if verbose else "; run 'meddiff-fm -v ...' for the traceback"
-    print(f"error: internal failure ({type(error).__name__}: {one_line(error)}); nothing written{hint}",
-          file=sys.stderr)
+    _say(f"error: internal failure ({type(error).__name__}: {one_line(error)}); nothing written{hint}")
     return EXIT_INTERNAL

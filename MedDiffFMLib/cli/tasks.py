@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..tasks.registry import TASKS, TaskSpec
+from ..tasks.registry import TaskSpec
 from .errors import UsageError
 from .options import add_spec_options, given_values
 from .outputs import Planned, check_paths, plan, split_name, write_all
