@@ -269,7 +269,7 @@ CASES: tuple[Case, ...] = (
     Case("grid-too-large", D, 2, ("million voxels", "memory"), setup=large_grid, inprocess=True),
     # 5. config.json
     Case("config-no-spacing", ("denoise", "ph.nii.gz", "--model", "bad_model", "--device", "cpu", "--quiet"), 2,
-         ("spacing_mm", "config.json"), setup=model_copy(drop("spacing_mm"))),
+         ("spacing", "config.json"), setup=model_copy(drop("spacing_mm", "spacing_range_mm"))),
     Case("config-no-window", ("denoise", "ph.nii.gz", "--model", "bad_model", "--device", "cpu", "--quiet"), 2,
          ("window", "config.json"), setup=model_copy(drop("window"))),
     Case("config-window-text", ("denoise", "ph.nii.gz", "--model", "bad_model", "--device", "cpu", "--quiet"), 2,
@@ -376,7 +376,7 @@ def _readonly_folder() -> str:
     return "/sys" if os.geteuid() == 0 else "/proc"
 
 
-def run_case(case: Case, d: Path, python: str, repo: Path, shared: dict, timeout: float = 180.0) -> Outcome:
+def run_case(case: Case, d: Path, python: str, repo: Path, shared: dict, timeout: float = 120.0) -> Outcome:
     """Run one prepared case in folder ``d``."""
     fill = {k: str(v) for k, v in shared.items()}
     fill["readonly"] = _readonly_folder()
@@ -517,7 +517,12 @@ def main() -> int:
     base = randomize_zero_init(FoundationUNet(preset("tiny"))).eval()
     shared = {"model": save_model(work / "models" / "model", base.cfg, base.state_dict())}
     sha = sha256_file(shared["model"] / "model.safetensors")
-    for task, channels, params in (("superres", 1, {"factor": [2, 1, 1]}), ("lesion", 2, {})):
+    try:  # the control channels per task, where the library says them
+        from MedDiffFMLib.conditions import CONTROL_CHANNELS
+    except ImportError:
+        CONTROL_CHANNELS = {"superres": 1, "lesion": 2}
+    for task, params in (("superres", {"factor": [2, 1, 1]}), ("lesion", {})):
+        channels = CONTROL_CHANNELS[task]
         cfg = ControlNetConfig(task, channels, base.cfg, base_sha256=sha, params=params)
         cn = TaskControlNet(cfg)
         cn.init_from_base(base)

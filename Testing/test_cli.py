@@ -209,3 +209,20 @@ def test_train_without_data_is_an_error(tmp_path, capsys):
     rc = cli.main(["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--device", "cpu"])
     _assert_one_line_error(rc, capsys.readouterr().err, "no training data")
     assert not list(tmp_path.iterdir())
+
+
+def test_task_options_come_from_the_registry():
+    """Every task parameter is an option with the registry's help, default and bounds."""
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    parsers = _subparsers()
+    for name, spec in TASKS.items():
+        actions = {a.dest: a for a in _options(parsers[name])}
+        for param, ps in spec.params.items():
+            action = actions[param]
+            assert action.option_strings[0] == "--" + param.replace("_", "-")
+            assert action.help.startswith(ps.help), (name, param)
+            if ps.maximum is not None and ps.type in (int, float):
+                assert f"{ps.maximum:g}" in action.help, (name, param, action.help)
+            if ps.length:
+                assert action.nargs == ps.length

@@ -62,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|monai|nibabel)\b")
             code = int(args.func(args) or 0)
+            errors.hold_signals()  # done: a signal from here on must not report "nothing written"
             late = errors.signal_received_after_commit()
             if late is not None:
                 print("note: a stop signal arrived after every output was written; the run is complete",

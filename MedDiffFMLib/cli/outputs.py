@@ -97,13 +97,16 @@ def _probe_writable(folder: Path) -> Optional[str]:
     file systems and root's rights all count), else the reason."""
     probe = folder / f".meddifffm-write-test-{secrets.token_hex(6)}"
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
         return e.strerror or str(e)
     try:
-        os.unlink(probe)
-    except OSError:
-        pass
+        os.close(fd)
+    finally:  # also when a stop signal arrives here
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
     return None
 
 
