@@ -136,14 +136,15 @@ def request_warnings(task: str, request) -> list[str]:
 
 # --------------------------------------------------------------------------- grid and memory
 def grid_voxels(task: str, reference_shape: Sequence[int], reference_spacing: Sequence[float],
-                model_spacing_mm: float, params: Mapping) -> int:
+                model_spacing_mm: Optional[float], params: Mapping) -> int:
     """Voxels of the largest grid a task samples on: the output grid, or the model's grid over
     the same extent, whichever is larger.
 
     Args:
         reference_shape, reference_spacing: the grid that gives the output's extent (k, j, i),
             voxels and mm (the image; for synthesis the anatomy, reference or shape/spacing).
-        model_spacing_mm: the model's own voxel size.
+        model_spacing_mm: the voxel size of a fixed-grid model, which resamples every input to
+            it; None for a model that runs on the input's own grid.
         params: task parameters (super-resolution's ``factor`` multiplies the slices).
     """
     shape = [int(s) for s in reference_shape]
@@ -158,6 +159,8 @@ def grid_voxels(task: str, reference_shape: Sequence[int], reference_spacing: Se
             f = factor if factor is not None else max(1.0, round(float(reference_spacing[0]) / min(
                 float(reference_spacing[1]), float(reference_spacing[2]))))
             native = int(native * float(f))
+    if model_spacing_mm is None:
+        return native
     model = math.prod(max(1, math.ceil(e / model_spacing_mm)) for e in extent)
     return max(native, model)
 
