@@ -103,7 +103,8 @@ def step(
     direction = max(1 - a_prev - std ** 2, 0.0) ** 0.5 * eps
     x_prev = a_prev ** 0.5 * x0 + direction
     if std > 0:
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        # drawn on the CPU generator, so that a seed gives the same chain on every device
+        noise = torch.randn(tuple(x_t.shape), generator=generator).to(device=x_t.device, dtype=x_t.dtype)
         x_prev = x_prev + std * noise
     return x_prev, x0
 
@@ -112,5 +113,5 @@ def forward_jump(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_next: int
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample q(x_{t_next} | x_t) for t_next > t: re-noise along the forward chain (RePaint)."""
     ratio = schedule.alpha_bar(t_next) / schedule.alpha_bar(t)
-    noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    noise = torch.randn(tuple(x_t.shape), generator=generator).to(device=x_t.device, dtype=x_t.dtype)
     return ratio ** 0.5 * x_t + (1 - ratio) ** 0.5 * noise

@@ -50,6 +50,11 @@ def _positive_number(v) -> Optional[str]:
     return None
 
 
+def _spacing_range(v) -> Optional[str]:
+    ok = (isinstance(v, list) and len(v) == 2 and all(_positive_number(x) is None for x in v) and v[0] <= v[1])
+    return None if ok else f"must be [min, max] voxel sizes in mm with 0 < min <= max, got {v!r}"
+
+
 def _text(v) -> Optional[str]:
     return None if isinstance(v, str) else f"must be text, got {v!r}"
 
@@ -93,7 +98,7 @@ def _controlnet_task(v) -> Optional[str]:
 BASE_SCHEMA: dict[str, tuple[bool, Callable[[Any], Optional[str]]]] = {
     "name": (False, _text),
     "window": (True, _integer(1)),
-    "spacing_mm": (True, _positive_number),
+    "spacing_range_mm": (True, _spacing_range),
     "channels": (True, _list_of(_integer(1), "positive whole numbers")),
     "attention_levels": (True, _list_of(_boolean, "true/false")),
     "num_res_blocks": (True, _integer(1)),
@@ -155,6 +160,12 @@ def check_config(cfg: Any, where: str | Path) -> dict:
     if kind not in ("base", "controlnet"):
         raise ModelFormatError(f"{where}: key 'kind' must be 'base' or 'controlnet', got {kind!r}")
     _check_keys(cfg, _FILE_SCHEMA, where)
+    for body, prefix in ((cfg, ""), (cfg.get("base"), "base.")):
+        if isinstance(body, dict) and "spacing_mm" in body and "spacing_range_mm" not in body:
+            raise ModelFormatError(
+                f"{where}: key {prefix}spacing_mm says this is a fixed-grid (v1, {body['spacing_mm']} mm) model; since "
+                "v2 the model is conditioned on voxel size and runs at the input's own resolution: use the bundled "
+                "'meddifffm-demo-base' or retrain with 'meddiff-fm train'")
     if kind == "base":
         _refuse_unknown(cfg, set(BASE_SCHEMA) | set(FILE_KEYS), where)
         _check_keys(cfg, BASE_SCHEMA, where)

@@ -6,7 +6,11 @@ Network input per voxel (channels, in order):
 * the voxel's normalised coordinates (k, j, i) within the *whole* volume, in [-1, 1] (3);
 * a NeRF-style sinusoidal encoding of those coordinates: sin and cos of 2^l * pi * c for
   l = 0 .. coord_frequencies - 1 (6 * coord_frequencies);
-* the anatomy condition (:data:`MedDiffFMLib.anatomy.NUM_CHANNELS`, all zeros when absent).
+* the anatomy condition (:data:`MedDiffFMLib.anatomy.NUM_CHANNELS`, all zeros when absent);
+* the voxel size of the window, per axis (k, j, i), as ``log2(mm) / 2`` (3 constant channels):
+  the model is conditioned on voxel size (as MAISI's U-Net takes the spacing as an input), so
+  one model serves the 0.5-5 mm grids real CT comes at, and every task runs on the input's
+  own grid instead of resampling it onto a fixed model grid.
 
 The region class enters through MONAI's class embedding (index 0 = null region). The output
 is the predicted noise epsilon (1 channel).
@@ -37,7 +41,9 @@ class ModelConfig:
     Attributes:
         name: preset name, informational.
         window: edge in voxels of the cubic window the network sees.
-        spacing_mm: isotropic voxel size the model works at (images are resampled to it).
+        spacing_range_mm: the voxel sizes (mm, any axis) the model was trained on; at inference
+            the voxel-size condition is clamped to this range (the grid itself is never
+            resampled to fit it).
         channels: feature channels per U-Net level (each level halves the resolution).
         attention_levels: self-attention per level (the paper: only at the 16^3 level).
         num_res_blocks: residual blocks per level (the paper: 1).
@@ -52,7 +58,7 @@ class ModelConfig:
 
     name: str = "tiny"
     window: int = 16
-    spacing_mm: float = 1.0
+    spacing_range_mm: tuple[float, float] = (0.5, 8.0)
     channels: tuple[int, ...] = (8, 16)
     attention_levels: tuple[bool, ...] = (False, True)
     num_res_blocks: int = 1
@@ -74,8 +80,9 @@ class ModelConfig:
                              f"(2 ** (levels - 1)) for a {len(self.channels)}-level U-Net")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError("every entry of channels must be a multiple of norm_num_groups")
-        if self.spacing_mm <= 0:
-            raise ValueError("spacing_mm must be positive")
+        self.spacing_range_mm = tuple(float(s) for s in self.spacing_range_mm)
+        if not (len(self.spacing_range_mm) == 2 and 0 < self.spacing_range_mm[0] <= self.spacing_range_mm[1]):
+            raise ValueError(f"spacing_range_mm must be (min, max) with 0 < min <= max, got {self.spacing_range_mm}")
 
     @property
     def downsampling(self) -> int:
@@ -84,7 +91,12 @@ class ModelConfig:
 
     @property
     def in_channels(self) -> int:
-        return 1 + 3 + 6 * self.coord_frequencies + self.anatomy_channels
+        return 1 + 3 + 6 * self.coord_frequencies + self.anatomy_channels + SPACING_CHANNELS
+
+    def clamp_spacing(self, spacing_mm) -> tuple[float, float, float]:
+        """The voxel-size condition for a grid of ``spacing_mm`` (k, j, i): clamped to the trained range."""
+        lo, hi = self.spacing_range_mm
+        return tuple(float(min(max(float(s), lo), hi)) for s in spacing_mm)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +107,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if "spacing_mm" in d and "spacing_range_mm" not in d:
+            raise ValueError(
+                f"this is a fixed-grid (v1, {d['spacing_mm']} mm) model: since v2 the model is conditioned on "
+                "voxel size and runs at the input's own resolution; use the bundled 'meddifffm-demo-base' "
+                "or retrain with 'meddiff-fm train'")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; was this written by a newer MedDiffFM?")
@@ -104,13 +121,13 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # The paper's network: 32 base channels, one residual block per level, attention only
     # at the 16^3 feature level of a 128^3 window.
-    "base": ModelConfig(name="base", window=128, spacing_mm=1.0, channels=(32, 64, 128, 256),
+    "base": ModelConfig(name="base", window=128, spacing_range_mm=(0.5, 8.0), channels=(32, 64, 128, 256),
                         attention_levels=(False, False, False, True), num_res_blocks=1,
                         num_head_channels=32, norm_num_groups=32, coord_frequencies=4),
-    # CPU-friendly demo network: 4 mm voxels, 32^3 windows, attention at the 8^3 level. Sized
-    # so that training for about an hour on 2 CPU cores learns phantom anatomy and the demo
-    # runs three tasks in under two minutes.
-    "small": ModelConfig(name="small", window=32, spacing_mm=4.0, channels=(16, 32, 64),
+    # CPU-friendly demo network: 32^3 windows, attention at the 8^3 level. Sized so that
+    # training for about an hour on 2 CPU cores learns phantom anatomy and the demo runs three
+    # tasks in under two minutes.
+    "small": ModelConfig(name="small", window=32, spacing_range_mm=(0.5, 8.0), channels=(16, 32, 64),
                          attention_levels=(False, False, True), num_res_blocks=1,
                          num_head_channels=16, norm_num_groups=8, coord_frequencies=3),
     # Tests.
@@ -142,6 +159,19 @@ def coordinate_encoding(coords: torch.Tensor, frequencies: int) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+SPACING_CHANNELS = 3
+
+
+def spacing_channels(spacing_mm: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, 3, D, H, W) voxel-size channels, ``log2(mm) / 2``, from ``spacing_mm`` (B, 3) (k, j, i).
+
+    The logarithm makes a factor between voxel sizes one distance whatever the size;
+    0.5-8 mm maps to [-0.5, 1.5].
+    """
+    feat = torch.log2(spacing_mm.to(device=like.device, dtype=torch.float32)) / 2
+    return feat.to(like.dtype).view(*feat.shape, 1, 1, 1).expand(-1, -1, *like.shape[2:])
+
+
 def _unet_kwargs(cfg: ModelConfig) -> dict:
     return dict(
         spatial_dims=3,
@@ -165,10 +195,13 @@ class FoundationUNet(nn.Module):
         self.cfg = cfg
         self.unet = DiffusionModelUNet(out_channels=1, **_unet_kwargs(cfg))
 
-    def network_input(self, x_t: torch.Tensor, coords: torch.Tensor, anatomy_channels: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, D, H, W) from x_t (B, 1, ...), coords (B, 3, ...), anatomy (B, A, ...)."""
+    def network_input(self, x_t: torch.Tensor, coords: torch.Tensor, anatomy_channels: torch.Tensor,
+                      spacing: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, D, H, W) from x_t (B, 1, ...), coords (B, 3, ...), anatomy (B, A, ...) and
+        the voxel size ``spacing`` (B, 3) in mm."""
         enc = coordinate_encoding(coords, self.cfg.coord_frequencies)
-        return torch.cat([x_t, coords.to(x_t.dtype), enc.to(x_t.dtype), anatomy_channels.to(x_t.dtype)], dim=1)
+        return torch.cat([x_t, coords.to(x_t.dtype), enc.to(x_t.dtype), anatomy_channels.to(x_t.dtype),
+                          spacing_channels(spacing, x_t)], dim=1)
 
     def forward(
         self,
@@ -177,11 +210,13 @@ class FoundationUNet(nn.Module):
         coords: torch.Tensor,
         anatomy_channels: torch.Tensor,
         region: torch.Tensor,
+        spacing: torch.Tensor,
         down_residuals: Optional[Sequence[torch.Tensor]] = None,
         mid_residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Predict epsilon (B, 1, D, H, W). ``t``: (B,) integer timesteps; ``region``: (B,) long."""
-        h = self.network_input(x_t, coords, anatomy_channels)
+        """Predict epsilon (B, 1, D, H, W). ``t``: (B,) integer timesteps; ``region``: (B,) long;
+        ``spacing``: (B, 3) voxel size in mm (k, j, i)."""
+        h = self.network_input(x_t, coords, anatomy_channels, spacing)
         return self.unet(
             h, timesteps=t, class_labels=region,
             down_block_additional_residuals=tuple(down_residuals) if down_residuals is not None else None,
@@ -244,8 +279,9 @@ class TaskControlNet(nn.Module):
             raise RuntimeError(f"ControlNet and base disagree on {len(missing)} encoder weights, e.g. {missing[:3]}")
         self.controlnet.load_state_dict(src, strict=False)
 
-    def forward(self, base: FoundationUNet, x_t, t, coords, anatomy_channels, region, control, scale: float = 1.0):
-        h = base.network_input(x_t, coords, anatomy_channels)
+    def forward(self, base: FoundationUNet, x_t, t, coords, anatomy_channels, region, spacing, control,
+                scale: float = 1.0):
+        h = base.network_input(x_t, coords, anatomy_channels, spacing)
         down, mid = self.controlnet(h, timesteps=t, controlnet_cond=control.to(h.dtype),
                                     conditioning_scale=scale, class_labels=region)
         return down, mid
@@ -263,10 +299,12 @@ class NoisePredictor(nn.Module):
     def cfg(self) -> ModelConfig:
         return self.base.cfg
 
-    def forward(self, x_t, t, coords, anatomy_channels, region, control=None, control_scale: float = 1.0):
+    def forward(self, x_t, t, coords, anatomy_channels, region, spacing, control=None, control_scale: float = 1.0):
+        """Epsilon (B, 1, D, H, W); see :meth:`FoundationUNet.forward` for the inputs."""
         if self.controlnet is None:
-            return self.base(x_t, t, coords, anatomy_channels, region)
+            return self.base(x_t, t, coords, anatomy_channels, region, spacing)
         if control is None:
             raise ValueError("this model has a ControlNet: a control condition is required")
-        down, mid = self.controlnet(self.base, x_t, t, coords, anatomy_channels, region, control, control_scale)
-        return self.base(x_t, t, coords, anatomy_channels, region, down_residuals=down, mid_residual=mid)
+        down, mid = self.controlnet(self.base, x_t, t, coords, anatomy_channels, region, spacing, control,
+                                    control_scale)
+        return self.base(x_t, t, coords, anatomy_channels, region, spacing, down_residuals=down, mid_residual=mid)

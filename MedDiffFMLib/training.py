@@ -1,13 +1,16 @@
 """Pretraining and ControlNet fine-tuning: one loop, single process or ``torchrun`` DDP.
 
-Training cases are held in memory in model units on the model's grid. Each training sample
-is drawn *multi-level* (after MedDiff-FM), with equal probability:
+Training cases are held in memory in model units on their own grids (any voxel size). Each
+training sample is drawn *multi-level* (after MedDiff-FM), with equal probability:
 
 (a) image level: the whole volume resized to the window;
 (b) a random crop of twice the window, resized to the window;
 (c) a native-resolution crop of the window.
 
-In all three the coordinate channels tell where the sample sits in the whole volume. Region
+In all three the coordinate channels tell where the sample sits in the whole volume, and the
+voxel-size channels what one voxel of the sample measures (mm per axis): resizing makes the
+three levels three voxel sizes of the same anatomy, so with cases drawn at 0.5-5 mm the model
+learns one prior over the whole range of clinical grids. Region
 and anatomy conditions are dropped at random so that null conditions work at inference
 (classifier-free guidance, or no anatomy at hand).
 
@@ -39,22 +42,27 @@ from .sampling import axis_coordinates
 
 @dataclass
 class Case:
-    """One training volume on the model's grid.
+    """One training volume on its own grid.
 
     Attributes:
         image: (D, H, W) float32 tensor in model units [-1, 1].
+        spacing: voxel size (k, j, i) in mm.
         groups: (D, H, W) int8 anatomy group map, or None when the case has no labels.
         region: region index (1..3), or 0 when unknown.
         control: (C, D, H, W) task condition for ControlNet training, or None.
+        control_fn: or a function (image, generator) -> (C, D, H, W) drawing a new condition
+            for every sample (super-resolution draws its factor per sample).
         focus: optional (N, 3) voxel indices that crops should contain (e.g. lesion voxels), used
             for half of the crops so that small structures are seen often enough.
         name: for logs.
     """
 
     image: torch.Tensor
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     groups: Optional[torch.Tensor] = None
     region: int = NULL_REGION
     control: Optional[torch.Tensor] = None
+    control_fn: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
     focus: Optional[torch.Tensor] = None
     name: str = ""
 
@@ -122,7 +130,8 @@ def draw_sample(case: Case, window: int, gen: torch.Generator, level: int) -> di
 
     Returns:
         dict with x0 (1, w, w, w), coords (3, w, w, w), anatomy (A, w, w, w) (zeros and flag 0
-        when the case has no labels), control (C, w, w, w) when the case has one, target.
+        when the case has no labels), spacing (3,) mm of one sample voxel, control (C, w, w, w)
+        when the case has one.
     """
     shape = tuple(case.image.shape)
     w = (window,) * 3
@@ -140,8 +149,11 @@ def draw_sample(case: Case, window: int, gen: torch.Generator, level: int) -> di
             jitter = [int(torch.randint(-n // 4, n // 4 + 1, (1,), generator=gen)) for n in sizes]
             starts = tuple(int(min(max(int(c) - n // 2 + j, 0), s - n))
                            for c, n, s, j in zip(f, sizes, shape, jitter))
+    control = case.control_fn(case.image, gen) if case.control_fn is not None else case.control
     parts = {"x0": _crop(image, starts, sizes), "anatomy": _crop(anat, starts, sizes),
-             "control": _crop(case.control, starts, sizes)}
+             "control": _crop(control, starts, sizes)}
+    # a resized sample's voxel covers (crop size / window) input voxels per axis
+    spacing = [float(sp) * (1.0 if level == 2 else sz / ww) for sp, sz, ww in zip(case.spacing, sizes, w)]
     axes = []
     for n, s0, sz, ww in zip(shape, starts, sizes, w):
         full = axis_coordinates(n, n)
@@ -157,7 +169,8 @@ def draw_sample(case: Case, window: int, gen: torch.Generator, level: int) -> di
     if parts["anatomy"] is None:
         parts["anatomy"] = torch.zeros((anatomy.NUM_CHANNELS, *w))
     out = {"x0": parts["x0"].float(), "coords": coords, "anatomy": parts["anatomy"].float(),
-           "region": torch.tensor(case.region, dtype=torch.long)}
+           "region": torch.tensor(case.region, dtype=torch.long),
+           "spacing": torch.tensor(spacing, dtype=torch.float32)}
     if parts["control"] is not None:
         out["control"] = parts["control"].float()
     return out
@@ -277,8 +290,14 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.use_bf16 = self.device.type == "cuda" and (
-            options.precision == "bf16" or (options.precision == "auto" and torch.cuda.is_bf16_supported()))
+        # bf16 autocast (fp32 master weights): on CUDA by default where supported; on the CPU
+        # only when asked (measured on the demo network: 1.6x faster with channels_last_3d,
+        # loss within 1%, gradient cosine 0.98 against fp32)
+        self.use_bf16 = options.precision == "bf16" or (
+            options.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.channels_last = self.use_bf16 and self.device.type == "cpu"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
 
     # ---- state
     def _gather_rng(self) -> list[torch.Tensor]:
@@ -334,9 +353,12 @@ class Trainer:
         x0 = batch["x0"]
         x_t, t, noise = self.loss.noisy(x0, self.gen)
         dev = self.device
-        args = (x_t.to(dev), t.to(dev), batch["coords"].to(dev), batch["anatomy"].to(dev), batch["region"].to(dev))
+        args = (x_t.to(dev), t.to(dev), batch["coords"].to(dev), batch["anatomy"].to(dev), batch["region"].to(dev),
+                batch["spacing"].to(dev))
         model = self.ddp if self.ddp is not None else self.model
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
+        if self.channels_last:
+            args = tuple(a.contiguous(memory_format=torch.channels_last_3d) if a.ndim == 5 else a for a in args)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             if self.base is None:
                 eps = model(*args)
             else:
@@ -424,43 +446,99 @@ class _null:
 # ---------------------------------------------------------------- data sources
 def case_from_arrays(hu: np.ndarray, ijk_to_ras: np.ndarray, region: Optional[str], cfg: ModelConfig,
                      labels: Optional[np.ndarray] = None, label_names=None, name: str = "") -> Case:
-    """Resample a CT (and its labels) to the model's spacing and window it to model units."""
+    """A CT (and its labels) windowed to model units on its own grid (no resampling: the model
+    is conditioned on voxel size, so it learns at the resolution the data come at)."""
     from . import preprocessing
+    from .geometry import spacing_kji
 
-    target = (cfg.spacing_mm,) * 3
     if region is None:
         region = preprocessing.guess_region(hu, ijk_to_ras)
     region = preprocessing.check_region(region)
-    img, _ = preprocessing.resample(hu.astype(np.float32), ijk_to_ras, target, order=1)
-    unit = preprocessing.hu_to_unit(img, region)
+    unit = preprocessing.hu_to_unit(hu.astype(np.float32), region)
     groups = None
     if labels is not None:
-        lab, _ = preprocessing.resample(labels, ijk_to_ras, target, order=0)
-        g, _unknown = anatomy.group_map(lab.astype(np.int64), label_names)
+        g, _unknown = anatomy.group_map(np.asarray(labels).astype(np.int64), label_names)
         groups = torch.from_numpy(g)
-    return Case(torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)), groups, REGION_INDEX[region],
-                name=name)
+    spacing = tuple(float(s) for s in spacing_kji(ijk_to_ras))
+    return Case(torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)), spacing, groups,
+                REGION_INDEX[region], name=name)
+
+
+def random_training_grid(rng: np.random.Generator, fov_mm: Sequence[float] = (192.0, 256.0, 256.0),
+                         spacing_range_mm: tuple[float, float] = (0.5, 5.0), max_voxels: int = 4_000_000,
+                         min_slices: int = 24, thin_slices: bool = False) -> tuple[tuple[int, int, int],
+                                                                                   tuple[float, float, float]]:
+    """A clinical-like grid: in-plane and slice spacing drawn log-uniformly and independently
+    in ``spacing_range_mm`` (``thin_slices``: slices of at most 1.5 mm, as super-resolution
+    targets need), the in-plane field of view whole, and the slab along k shortened so that the
+    case holds at most ``max_voxels`` voxels.
+
+    Returns:
+        (shape_kji, spacing_kji).
+    """
+    lo, hi = spacing_range_mm
+    log_u = lambda a, b: float(np.exp(rng.uniform(np.log(a), np.log(b))))  # noqa: E731
+    s_ij = log_u(max(lo, 0.6), max(max(lo, 0.6), min(hi, 3.0)))
+    s_k = log_u(lo, max(lo, min(hi, 1.5)) if thin_slices else hi)
+    n_j, n_i = (max(8, int(round(f / s_ij))) for f in fov_mm[1:])
+    n_k = max(min_slices, min(int(round(fov_mm[0] / s_k)), max_voxels // (n_j * n_i)))
+    return (n_k, n_j, n_i), (s_k, s_ij, s_ij)
+
+
+def clinical_range(cfg: ModelConfig, clinical_mm: tuple[float, float] = (0.5, 5.0)) -> tuple[float, float]:
+    """The voxel sizes training cases are drawn at: the model's range within clinical CT's."""
+    lo, hi = max(cfg.spacing_range_mm[0], clinical_mm[0]), min(cfg.spacing_range_mm[1], clinical_mm[1])
+    return (lo, hi) if lo <= hi else (cfg.spacing_range_mm[0],) * 2
 
 
 def phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, regions: Sequence[str] = ("head_neck", "chest", "abdomen"),
-                  fov_mm: Sequence[float] = (192.0, 256.0, 256.0), noise_hu: float = 0.0) -> list[Case]:
-    """``n`` phantom cases (cycling through ``regions``) generated directly on the model's grid.
+                  fov_mm: Sequence[float] = (192.0, 256.0, 256.0), noise_hu: float = 0.0,
+                  max_voxels: int = 4_000_000, thin_slices: bool = False) -> list[Case]:
+    """``n`` phantom cases (cycling through ``regions``) on random clinical-like grids
+    (:func:`random_training_grid`; each seed draws its own), with voxel sizes in the model's
+    range intersected with the 0.5-5 mm of clinical CT.
 
     Seeds ``seed .. seed + n - 1`` are used: keep evaluation seeds outside that range.
     """
     from .phantoms import make_phantom
     from .preprocessing import hu_to_unit
 
-    shape = tuple(max(1, int(round(f / cfg.spacing_mm))) for f in fov_mm)
     cases = []
     for i in range(n):
         region = regions[i % len(regions)]
-        ph = make_phantom(region, shape_kji=shape, spacing_kji=(cfg.spacing_mm,) * 3, seed=seed + i,
-                          noise_hu=noise_hu)
+        shape, spacing = random_training_grid(np.random.default_rng([seed + i, 7]), fov_mm, clinical_range(cfg),
+                                              max_voxels=max_voxels, thin_slices=thin_slices)
+        ph = make_phantom(region, shape_kji=shape, spacing_kji=spacing, seed=seed + i, noise_hu=noise_hu)
         g, _ = anatomy.group_map(ph.labels, ph.label_names)
-        cases.append(Case(torch.from_numpy(hu_to_unit(ph.hu, region).astype(np.float32)), torch.from_numpy(g),
-                          REGION_INDEX[region], name=f"phantom-{region}-{seed + i}"))
+        cases.append(Case(torch.from_numpy(hu_to_unit(ph.hu, region).astype(np.float32)), spacing,
+                          torch.from_numpy(g), REGION_INDEX[region], name=f"phantom-{region}-{seed + i}"))
     return cases
+
+
+def warm_start(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Initialise ``model`` from an earlier network's weights where they fit.
+
+    Tensors of the same name and shape are copied; a convolution whose *input* channels grew
+    (new condition channels appended at the end, e.g. the voxel size) gets the old weights for
+    the old channels and zeros for the new ones, so it starts as the old network. Returns the
+    names left at their fresh initialisation.
+    """
+    own = model.state_dict()
+    fresh = []
+    with torch.no_grad():
+        for k, v in own.items():
+            src = state_dict.get(k)
+            if src is None:
+                fresh.append(k)
+            elif src.shape == v.shape:
+                v.copy_(src.to(v.dtype))
+            elif src.ndim == v.ndim and src.ndim >= 2 and src.shape[0] == v.shape[0] and src.shape[1] < v.shape[1] \
+                    and src.shape[2:] == v.shape[2:]:
+                v.zero_()
+                v[:, : src.shape[1]] = src.to(v.dtype)
+            else:
+                fresh.append(k)
+    return fresh
 
 
 def manifest_cases(manifest: str | os.PathLike, cfg: ModelConfig, default_region: Optional[str] = None) -> list[Case]:

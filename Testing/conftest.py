@@ -137,7 +137,7 @@ def task_grid(spacing_kji=TASK_SPACING_KJI, origin_ras=TASK_ORIGIN_RAS, angle: f
 @pytest.fixture(scope="session")
 def task_phantom():
     """A small noisy abdomen phantom, (k, j, i) = (8, 16, 14) voxels on an oblique, anisotropic
-    grid (:func:`task_grid`, spacing 2.0, 1.0, 1.2 mm): the tiny model (1 mm) has to resample it.
+    grid (:func:`task_grid`, spacing 2.0, 1.0, 1.2 mm), which tasks sample on as it is.
     Read-only: copy its arrays before handing them to code that may modify them."""
     from MedDiffFMLib.phantoms import make_phantom
 
@@ -150,18 +150,20 @@ def tiny_controlnet_dirs(tmp_path_factory, tiny_model_dir) -> dict:
     """ControlNet directories on ``tiny_model_dir``: ``{"superres": ..., "lesion": ...}``.
 
     Built the way fine-tuning starts (``ControlNetConfig`` with the base's sha256,
-    ``TaskControlNet.init_from_base``; the superres one trained "for" factor (2, 1, 1)), then
+    ``TaskControlNet.init_from_base``), then
     the zero convolutions get seeded random weights so that the control condition changes the
-    output. Read-only: copy a directory before modifying anything in it.
+    output. The superres one is "trained" for factors 2 to 6. Read-only: copy a directory before modifying anything in it.
     """
     from MedDiffFMLib.checkpoint import load_base, save_model, sha256_file
+    from MedDiffFMLib.conditions import CONTROL_CHANNELS
     from MedDiffFMLib.networks import ControlNetConfig, TaskControlNet
 
     base = load_base(tiny_model_dir, "cpu")
     sha = sha256_file(tiny_model_dir / "model.safetensors")
     root = tmp_path_factory.mktemp("tiny_controlnets")
     dirs = {}
-    specs = (("superres", 1, {"factor": [2, 1, 1]}), ("lesion", 2, {}))
+    specs = (("superres", CONTROL_CHANNELS["superres"], {"factors": [2, 3, 4, 5, 6]}),
+             ("lesion", CONTROL_CHANNELS["lesion"], {}))
     for n, (task, channels, params) in enumerate(specs):
         cfg = ControlNetConfig(task, channels, base.cfg, base_sha256=sha, params=params)
         with torch.random.fork_rng():

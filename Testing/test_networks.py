@@ -26,14 +26,15 @@ def _inputs(cfg, shape, batch=2, seed=0):
     anat[:, -1] = 1.0
     t = torch.tensor([5, 700][:batch] + [0] * max(0, batch - 2))
     region = torch.tensor([1, 3][:batch] + [0] * max(0, batch - 2))
-    return x, t, coords, anat, region
+    spacing = torch.tensor([[2.5, 0.7, 0.7], [1.0, 1.0, 1.0]][:batch] + [[1.0, 1.0, 1.0]] * max(0, batch - 2))
+    return x, t, coords, anat, region, spacing
 
 
 # ------------------------------------------------------------------------------- configs
 def test_base_preset_is_the_papers_network():
     cfg = preset("base")
     assert cfg.window == 128
-    assert cfg.spacing_mm == 1.0
+    assert cfg.spacing_range_mm[0] <= 1.0 <= cfg.spacing_range_mm[1]  # the paper's 1 mm is in range
     assert cfg.channels[0] == 32
     assert all(b == 2 * a for a, b in zip(cfg.channels, cfg.channels[1:]))
     assert cfg.num_res_blocks == 1
@@ -53,14 +54,14 @@ def test_presets_are_consistent(name):
     assert cfg.window % cfg.downsampling == 0
     assert cfg.downsampling == 2 ** (len(cfg.channels) - 1)
     assert all(c % cfg.norm_num_groups == 0 for c in cfg.channels)
-    # image (1) + coordinates (3) + sin/cos per axis and octave (6 L) + anatomy channels
-    assert cfg.in_channels == 1 + 3 + 6 * cfg.coord_frequencies + anatomy.NUM_CHANNELS
+    # image (1) + coordinates (3) + sin/cos per axis and octave (6 L) + anatomy + voxel size (3)
+    assert cfg.in_channels == 1 + 3 + 6 * cfg.coord_frequencies + anatomy.NUM_CHANNELS + 3
     assert cfg.anatomy_channels == anatomy.NUM_CHANNELS
 
 
 def test_preset_overrides_and_unknown_preset():
-    cfg = preset("tiny", window=24, spacing_mm=3.0)
-    assert (cfg.window, cfg.spacing_mm) == (24, 3.0)
+    cfg = preset("tiny", window=24, spacing_range_mm=(0.7, 3.0))
+    assert (cfg.window, cfg.spacing_range_mm) == (24, (0.7, 3.0))
     assert PRESETS["tiny"].window == 16  # the preset itself is untouched
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
@@ -69,16 +70,34 @@ def test_preset_overrides_and_unknown_preset():
 def test_network_input_width_matches_config():
     cfg = preset("tiny", coord_frequencies=3)
     model = FoundationUNet(cfg)
-    assert cfg.in_channels == 1 + 3 + 18 + anatomy.NUM_CHANNELS
+    assert cfg.in_channels == 1 + 3 + 18 + anatomy.NUM_CHANNELS + 3
     assert model.unet.conv_in.conv.in_channels == cfg.in_channels
-    x, t, coords, anat, region = _inputs(cfg, (4, 4, 4))
-    h = model.network_input(x, coords, anat)
+    x, t, coords, anat, region, spacing = _inputs(cfg, (4, 4, 4))
+    h = model.network_input(x, coords, anat, spacing)
     assert h.shape == (2, cfg.in_channels, 4, 4, 4)
-    # the channel order: image, coordinates, encoding, anatomy
+    # the channel order: image, coordinates, encoding, anatomy, voxel size
     assert torch.equal(h[:, :1], x)
     assert torch.equal(h[:, 1:4], coords)
     assert torch.equal(h[:, 4:4 + 18], coordinate_encoding(coords, 3))
-    assert torch.equal(h[:, 4 + 18:], anat)
+    a = anatomy.NUM_CHANNELS
+    assert torch.equal(h[:, 4 + 18:4 + 18 + a], anat)
+    # log2(mm) / 2 per axis (k, j, i), constant over the window
+    torch.testing.assert_close(h[0, -3:, 1, 2, 3], torch.log2(torch.tensor([2.5, 0.7, 0.7])) / 2)
+    torch.testing.assert_close(h[1, -3:, 0, 0, 0], torch.zeros(3))
+    assert torch.equal(h[:, -3:].amax(dim=(2, 3, 4)), h[:, -3:].amin(dim=(2, 3, 4)))
+
+
+def test_voxel_size_condition_is_clamped_to_the_trained_range():
+    cfg = preset("tiny", spacing_range_mm=(0.5, 5.0))
+    assert cfg.clamp_spacing((0.3, 2.0, 9.0)) == (0.5, 2.0, 5.0)
+
+
+def test_fixed_grid_v1_configs_are_refused_clearly():
+    d = preset("tiny").to_dict()
+    del d["spacing_range_mm"]
+    d["spacing_mm"] = 4.0
+    with pytest.raises(ValueError, match="fixed-grid .v1, 4.0 mm. model"):
+        ModelConfig.from_dict(d)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -106,7 +125,8 @@ def test_controlnet_config_round_trip():
         (dict(channels=(8, 16, 32), attention_levels=(False, False, True), window=18), "multiple"),
         (dict(channels=(8, 12)), "norm_num_groups"),          # 12 is not divisible by 8 groups
         (dict(channels=(8, 16, 32)), "same length"),          # attention_levels has 2 entries
-        (dict(spacing_mm=0.0), "spacing"),
+        (dict(spacing_range_mm=(0.0, 5.0)), "spacing_range_mm"),
+        (dict(spacing_range_mm=(5.0, 1.0)), "spacing_range_mm"),
     ],
 )
 def test_invalid_configs_are_refused(overrides, message):
@@ -178,13 +198,14 @@ def test_fresh_monai_network_predicts_zero():
 def test_forward_depends_on_every_input(make_tiny_model):
     model = make_tiny_model()
     cfg = model.cfg
-    x, t, coords, anat, region = _inputs(cfg, (4, 4, 4))
+    x, t, coords, anat, region, spacing = _inputs(cfg, (4, 4, 4))
     with torch.no_grad():
-        ref = model(x, t, coords, anat, region)
-        assert not torch.allclose(ref, model(x, t + 100, coords, anat, region))
-        assert not torch.allclose(ref, model(x, t, coords * 0.5, anat, region))
-        assert not torch.allclose(ref, model(x, t, coords, torch.zeros_like(anat), region))
-        assert not torch.allclose(ref, model(x, t, coords, anat, torch.zeros_like(region)))
+        ref = model(x, t, coords, anat, region, spacing)
+        assert not torch.allclose(ref, model(x, t + 100, coords, anat, region, spacing))
+        assert not torch.allclose(ref, model(x, t, coords * 0.5, anat, region, spacing))
+        assert not torch.allclose(ref, model(x, t, coords, torch.zeros_like(anat), region, spacing))
+        assert not torch.allclose(ref, model(x, t, coords, anat, torch.zeros_like(region), spacing))
+        assert not torch.allclose(ref, model(x, t, coords, anat, region, spacing * 2))
 
 
 # ------------------------------------------------------------------------------- ControlNet
@@ -195,21 +216,21 @@ def test_controlnet_starts_as_the_identity_exactly(make_tiny_model):
     cn = TaskControlNet(ControlNetConfig("lesion", 2, cfg))
     cn.init_from_base(base)
     cn.eval()
-    x, t, coords, anat, region = _inputs(cfg, (8, 6, 4))
+    x, t, coords, anat, region, spacing = _inputs(cfg, (8, 6, 4))
     control = torch.randn((2, 2, 8, 6, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        alone = base(x, t, coords, anat, region)
+        alone = base(x, t, coords, anat, region, spacing)
         assert alone.abs().min() > 0
-        both = NoisePredictor(base, cn)(x, t, coords, anat, region, control=control)
+        both = NoisePredictor(base, cn)(x, t, coords, anat, region, spacing, control=control)
         assert torch.equal(alone, both)
         # the residuals really were computed and are exactly zero ...
-        down, mid = cn(base, x, t, coords, anat, region, control)
+        down, mid = cn(base, x, t, coords, anat, region, spacing, control)
         assert len(down) > 0
         assert all(torch.count_nonzero(d) == 0 for d in down) and torch.count_nonzero(mid) == 0
         # ... and the ControlNet is wired in: non-zero zero-convolutions change the output
         for p in cn.controlnet.controlnet_mid_block.parameters():
             p.add_(0.05)
-        changed = NoisePredictor(base, cn)(x, t, coords, anat, region, control=control)
+        changed = NoisePredictor(base, cn)(x, t, coords, anat, region, spacing, control=control)
     assert not torch.allclose(alone, changed)
 
 

@@ -55,7 +55,11 @@ def test_self_test_is_registered():
     assert re.search(r"set\(\s*MODULE_NAME\s+MedDiffFM\s*\)", text)
     m = re.search(r"if\(\s*BUILD_TESTING\s*\)(.*?)endif\(", text, re.S)
     assert m and re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", m.group(1))
-    assert "class MedDiffFMTest(ScriptedLoadableModuleTest)" in (MODULE_DIR / "MedDiffFM.py").read_text(encoding="utf-8")
+    # the module finds its test class by name in MedDiffFM.py's namespace
+    assert "from MedDiffFMQt.selftest import MedDiffFMTest" in (MODULE_DIR / "MedDiffFM.py").read_text(encoding="utf-8")
+    selftest = (MODULE_DIR / "MedDiffFMQt" / "selftest.py").read_text(encoding="utf-8")
+    assert "class MedDiffFMTest(ScriptedLoadableModuleTest)" in selftest
+    assert "skipTest" not in selftest  # "Reload and Test" calls runTest() directly: a SkipTest would fail it
 
 
 def test_nothing_is_globbed():
@@ -92,8 +96,17 @@ def test_every_library_file_is_listed_and_exists():
     assert re.search(r"SOURCE_DIR\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\.", text)
 
 
+INDEX_ENTRY = ROOT / "ExtensionsIndex" / "MedDiffFM.json"
+CONTRIBUTORS = re.compile(r"^[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*$")  # "Name (Organization), ..."
+
+
 def test_catalog_entry_follows_the_schema_and_matches_the_s4ext():
-    entry = json.loads((ROOT / "MedDiffFM.json").read_text(encoding="utf-8"))
+    """What Slicer/ExtensionsIndex's scripts/check_description_files.py checks without network:
+    the schema's keys and types, LF line endings, the file name = the CMake project name, the
+    extension and repository names, the URL scheme; plus agreement with the .s4ext."""
+    raw = INDEX_ENTRY.read_bytes()
+    assert b"\r" not in raw, "the index accepts LF line endings only"
+    entry = json.loads(raw.decode("utf-8"))
     # slicer-extension-catalog-entry-schema-v1.0.2 (Slicer/ExtensionsIndex schemas/)
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -103,6 +116,11 @@ def test_catalog_entry_follows_the_schema_and_matches_the_s4ext():
     assert isinstance(entry["build_dependencies"], list) and all(isinstance(d, str) for d in entry["build_dependencies"])
     assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
     assert entry.get("scm_type", "git") in ("git", "local")
+    top = cmake_text(TOP_CMAKE)
+    project = re.search(r"project\(\s*([^\s)]+)", top).group(1)
+    assert INDEX_ENTRY.stem == project and not project.lower().startswith("slicer")
+    assert entry["scm_url"].startswith("https://")
+    assert entry["scm_url"].rstrip("/").split("/")[-1].startswith("Slicer")  # the repository's name
     s4ext = {}
     for line in (ROOT / "MedDiffFM.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
@@ -111,6 +129,19 @@ def test_catalog_entry_follows_the_schema_and_matches_the_s4ext():
     assert s4ext["scmurl"] == entry["scm_url"] and s4ext["scmrevision"] == entry["scm_revision"]
     assert s4ext["depends"].split() == entry["build_dependencies"] == ["PyTorch"]
     assert s4ext["category"] == entry["category"]
-    top = cmake_text(TOP_CMAKE)
     assert re.search(r'EXTENSION_CATEGORY\s+"' + re.escape(entry["category"]) + '"', top)
     assert re.search(r'EXTENSION_HOMEPAGE\s+"' + re.escape(s4ext["homepage"]) + '"', top)
+    contributors = re.search(r'EXTENSION_CONTRIBUTORS\s+"([^"]+)"', top).group(1)
+    assert CONTRIBUTORS.match(contributors) and s4ext["contributors"] == contributors
+    module = (MODULE_DIR / "MedDiffFM.py").read_text(encoding="utf-8")
+    assert f'self.parent.contributors = ["{contributors}"]' in module
+
+
+def test_license_and_the_owed_screenshots_are_stated():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert re.search(r'license\s*=\s*\{text\s*=\s*"Apache-2.0"\}', (ROOT / "pyproject.toml").read_text())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    screenshots = re.search(r'EXTENSION_SCREENSHOTURLS\s+"([^"]*)"', cmake_text(TOP_CMAKE)).group(1)
+    if not screenshots:  # the index refuses an empty list; the README must say why it is empty
+        assert "Screenshots are still owed" in readme

@@ -9,6 +9,7 @@ from scipy import ndimage
 from MedDiffFMLib import anatomy
 from MedDiffFMLib.phantoms import (
     LESION_ORGANS,
+    PHASES,
     REGIONS,
     Phantom,
     add_ct_noise,
@@ -108,18 +109,22 @@ def test_anatomy_orientation(phantoms64):
     assert brain[0] > thyroid[0]  # brain superior
 
 
-def test_oblique_matrix_passes_through_unchanged():
+def test_oblique_matrix_is_kept_and_orients_the_body():
+    """The body lives in RAS: an oblique grid keeps its matrix and sees the body obliquely."""
     spacing = (2.5, 0.8, 0.7)
     c, s = np.cos(0.4), np.sin(0.4)
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)],
                                                                    [0, np.sin(0.2), np.cos(0.2)]])
     m = np.eye(4)
-    m[:3, :3] = rot * np.array(spacing[::-1])  # columns i, j, k scaled by their spacing
+    m[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0]) * np.array(spacing[::-1])  # columns i, j, k
     m[:3, 3] = (-31.5, 17.25, 102.0)
     ph = make_phantom("chest", (16, 40, 44), spacing, seed=2, ijk_to_ras=m)
     np.testing.assert_array_equal(ph.ijk_to_ras, m)
     ref = make_phantom("chest", (16, 40, 44), spacing, seed=2)
-    assert np.array_equal(ph.labels, ref.labels)  # the matrix only places the grid
+    assert not np.array_equal(ph.labels, ref.labels)
+    # the same body, seen at another angle: the same organs, about the same amount of them
+    assert set(ph.label_names) & set(ref.label_names) >= {NAME_TO_LABEL["heart"], anatomy.BODY_LABEL}
+    assert abs(np.count_nonzero(ph.labels) - np.count_nonzero(ref.labels)) < 0.25 * np.count_nonzero(ref.labels)
 
 
 def test_same_anatomy_at_another_resolution():
@@ -181,13 +186,20 @@ def test_hu_ranges(seed):
     assert np.median(abd.hu[_mask(abd, "autochthon_left", "autochthon_right")]) > 20
 
 
-def test_contrast_phase():
-    plain = make_phantom("abdomen", (48, 48, 48), (1.5, 1.5, 1.5), seed=4, contrast=False, noise_hu=0.0)
-    enh = make_phantom("abdomen", (48, 48, 48), (1.5, 1.5, 1.5), seed=4, contrast=True, noise_hu=0.0)
-    assert np.array_equal(plain.labels, enh.labels)
-    assert np.median(plain.hu[_mask(plain, "aorta")]) < 60
-    assert np.median(enh.hu[_mask(enh, "aorta")]) > 120
-    assert not plain.contrast and enh.contrast
+def test_contrast_phases_enhance_blood_and_organs():
+    args = ("abdomen", (48, 48, 48), (1.5, 1.5, 1.5))
+    phs = {ph: make_phantom(*args, seed=4, phase=ph, noise_hu=0.0) for ph in PHASES}
+    native, arterial, portal = phs["native"], phs["arterial"], phs["portal_venous"]
+    for ph in (arterial, portal):
+        assert np.array_equal(native.labels, ph.labels)  # the phase changes HU only
+    med = {name: {k: float(np.median(v.hu[_mask(v, name)])) for k, v in phs.items()}
+           for name in ("aorta", "liver", "spleen", "portal_vein_and_splenic_vein")}
+    assert med["aorta"]["native"] < 60 < 120 < med["aorta"]["portal_venous"] < med["aorta"]["arterial"]
+    assert med["liver"]["native"] + 8 < med["liver"]["arterial"] < med["liver"]["portal_venous"] - 20
+    assert med["spleen"]["portal_venous"] > med["spleen"]["native"] + 40
+    assert med["portal_vein_and_splenic_vein"]["portal_venous"] > med["portal_vein_and_splenic_vein"]["native"] + 80
+    assert not native.contrast and arterial.contrast and portal.contrast
+    assert [p.phase for p in phs.values()] == list(PHASES)
 
 
 # ------------------------------------------------------------------------------ noise
@@ -279,6 +291,8 @@ def test_insert_lesions_on_arrays():
     (dict(seed=-1), "seed"),
     (dict(noise_hu=-1.0), "noise_hu"),
     (dict(lesions=-1), "lesions"),
+    (dict(phase="venous"), "contrast phase"),
+    (dict(variation="none"), "Variation"),
 ])
 def test_bad_input_raises(kwargs, match):
     args = dict(region="chest", shape_kji=(8, 8, 8), spacing_kji=(1.0, 1.0, 1.0))

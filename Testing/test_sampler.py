@@ -8,13 +8,15 @@ import torch
 from MedDiffFMLib import anatomy
 from MedDiffFMLib.diffusion import step
 from MedDiffFMLib.networks import NULL_REGION, preset
-from MedDiffFMLib.sampling import Condition, PatchSampler, SamplerOptions, axis_coordinates, blend_weight
+from MedDiffFMLib.sampling import (Condition, PatchSampler, SamplerOptions, axis_coordinates, blend_weight,
+                                   coarse_to_fine)
 from MedDiffFMLib.tasks.base import Cancelled
 
 
 class Recorder(torch.nn.Module):
     """Stands in for a :class:`NoisePredictor`: records every call and either delegates to the
-    wrapped predictor or returns ``fn(x_t, t, coords, anatomy, region)``."""
+    wrapped predictor or returns ``fn(x_t, t, coords, anatomy, region)``; keeps the voxel size
+    each window was told."""
 
     def __init__(self, inner=None, fn=None, cfg=None):
         super().__init__()
@@ -27,12 +29,13 @@ class Recorder(torch.nn.Module):
     def cfg(self):
         return self._cfg
 
-    def forward(self, x_t, t, coords, anatomy_channels, region, control=None, control_scale=1.0):
+    def forward(self, x_t, t, coords, anatomy_channels, region, spacing, control=None, control_scale=1.0):
         self.calls.append({"x": x_t.clone(), "t": t.clone(), "coords": coords.clone(),
-                           "anatomy": anatomy_channels.clone(), "region": region.clone()})
+                           "anatomy": anatomy_channels.clone(), "region": region.clone(),
+                           "spacing": spacing.clone()})
         if self.fn is not None:
             return self.fn(x_t, t, coords, anatomy_channels, region)
-        return self.inner(x_t, t, coords, anatomy_channels, region, control, control_scale)
+        return self.inner(x_t, t, coords, anatomy_channels, region, spacing, control, control_scale)
 
     def windows(self):
         """Every window seen, in order: (x, coords, anatomy, region, t) per window."""
@@ -58,15 +61,16 @@ def _diffs_k(v):
 
 
 # ------------------------------------------------------------------------------- (1) one window
-def test_one_window_equals_the_single_window_and_image_level_paths(tiny_predictor):
+def test_one_window_equals_the_single_window_and_coarse_to_fine_paths(tiny_predictor):
     opts = SamplerOptions(steps=3, seed=7)
     sampler = PatchSampler(tiny_predictor, opts)
     shape = (16, 16, 16)
     groups = torch.zeros(shape, dtype=torch.int8)
     groups[4:12, 3:13, 2:14] = 2 + anatomy.GROUP_NAMES.index("liver")
-    cond = Condition(region=3, anatomy=groups)
+    cond = Condition(spacing=(2.0, 1.0, 1.0), region=3, anatomy=groups)
     out = sampler.sample(shape, cond)
-    assert torch.equal(out, sampler.sample_image_level(shape, cond))
+    fine, coarse = coarse_to_fine(sampler, cond, shape, refine_fraction=0.5, gen=sampler.generator())
+    assert torch.equal(out, fine) and torch.equal(fine, coarse)  # a volume of one window: one pass
 
     # the same chain written out by hand: one network call on the whole volume per step
     gen = torch.Generator().manual_seed(7)
@@ -78,7 +82,8 @@ def test_one_window_equals_the_single_window_and_image_level_paths(tiny_predicto
     ts = sampler.schedule.timesteps(3)
     with torch.no_grad():
         for i, t in enumerate(ts):
-            eps = tiny_predictor(x[None, None], torch.tensor([t]), coords, anat, torch.tensor([3]))[0, 0]
+            eps = tiny_predictor(x[None, None], torch.tensor([t]), coords, anat, torch.tensor([3]),
+                                 torch.tensor([[2.0, 1.0, 1.0]]))[0, 0]
             x, _ = step(sampler.schedule, x, eps, t, ts[i + 1] if i + 1 < len(ts) else -1, 0.0, gen, True)
     assert torch.equal(out, x)
 
@@ -86,10 +91,11 @@ def test_one_window_equals_the_single_window_and_image_level_paths(tiny_predicto
 # ------------------------------------------------------------------------------- (2) blending
 def test_blend_weight_is_positive_separable_and_partitions_unity():
     sampler = PatchSampler(Recorder(cfg=preset("tiny")), SamplerOptions(overlap=0.25))
-    win, padded, slices = sampler.layout((40, 16, 16))
+    lay = sampler.layout((40, 16, 16))
+    win, padded, slices = lay.window, lay.padded, lay.slices
     assert win == (16, 16, 16) and padded == (40, 16, 16)
     assert [s[0].start for s in slices] == [0, 12, 24]
-    w = blend_weight(win, slices)
+    w = blend_weight(lay)
     assert w.shape == win and w.dtype == torch.float32
     assert (w > 0).all()
     # separable: every k profile is proportional to every other
@@ -137,7 +143,7 @@ def test_no_seam_where_windows_disagree():
     fake = Recorder(fn=_window_offset_field, cfg=preset("tiny"))
     hard = PatchSampler(fake, SamplerOptions(overlap=0.0)).predict_eps(torch.zeros(48, 16, 16), 500, Condition())
     hard_steps = _diffs_k(hard)
-    assert [s[0].start for s in PatchSampler(fake, SamplerOptions(overlap=0.0)).layout((48, 16, 16))[2]] == [0, 16, 32]
+    assert [s[0].start for s in PatchSampler(fake, SamplerOptions(overlap=0.0)).layout((48, 16, 16)).slices] == [0, 16, 32]
     hard_offsets = sorted({float(w[1][0, 0, 0, 0]) * 3 + 1 for w in fake.windows()})
     assert torch.isclose(hard_steps[15], torch.tensor(hard_offsets[1] - hard_offsets[0]))
     assert hard_steps[15] > 2.2 * steps.max() * (hard_offsets[1] - hard_offsets[0]) / jump
@@ -178,16 +184,18 @@ def test_blended_eps_equals_a_manual_blend_of_windows(tiny_predictor):
     cond = Condition(region=1, anatomy=groups)
     sampler = PatchSampler(tiny_predictor, SamplerOptions(overlap=0.25, batch_size=4))
     eps = sampler.predict_eps(x, 321, cond)
-    win, padded, slices = sampler.layout(shape)
+    lay = sampler.layout(shape)
+    padded, slices = lay.padded, lay.slices
     assert padded == shape and len(slices) == 3 * 1 * 2
-    weight = blend_weight(win, slices)
+    weight = blend_weight(lay)
     coords = _global_coords(shape)
     acc = torch.zeros(shape)
     wsum = torch.zeros(shape)
     with torch.no_grad():
         for sl in slices:
             e = tiny_predictor(x[sl][None, None], torch.tensor([321]), coords[(slice(None), *sl)][None],
-                               anatomy.group_channels(groups[sl][None]), torch.tensor([1]))[0, 0]
+                               anatomy.group_channels(groups[sl][None]), torch.tensor([1]),
+                               torch.tensor([[1.0, 1.0, 1.0]]))[0, 0]
             acc[sl] += weight * e
             wsum[sl] += weight
     torch.testing.assert_close(eps, acc / wsum, atol=1e-5, rtol=1e-5)
@@ -224,7 +232,7 @@ def test_ddim_and_ddpm_seeds_and_step_counts(tiny_predictor):
         rec = Recorder(tiny_predictor)
         sampler = PatchSampler(rec, SamplerOptions(**kw))
         out = sampler.sample(shape, Condition(region=3))
-        n_windows = len(sampler.layout(shape)[2])
+        n_windows = len(sampler.layout(shape))
         assert len(rec.windows()) == kw["steps"] * n_windows
         ts = [w[4] for w in rec.windows()][::n_windows]
         assert ts == sampler.schedule.timesteps(kw["steps"])
@@ -329,27 +337,32 @@ def test_cancel_stops_promptly(tiny_predictor):
 
 
 # ------------------------------------------------------------------------------- (8) multi-level
-def test_multilevel_on_a_volume_larger_than_a_window(tiny_predictor):
+def test_coarse_to_fine_on_a_volume_larger_than_a_window(tiny_predictor):
     shape = (24, 16, 20)
     rec = Recorder(tiny_predictor)
     reports = []
     sampler = PatchSampler(rec, SamplerOptions(steps=2, seed=5))
-    out = sampler.sample_multilevel(shape, Condition(region=3), refine_fraction=0.4, progress=reports.append)
-    assert out.shape == shape and torch.isfinite(out).all()
+    cond = Condition(spacing=(2.5, 0.8, 0.7), region=3)
+    out, coarse = coarse_to_fine(sampler, cond, shape, refine_fraction=0.4, gen=sampler.generator(),
+                                 progress=reports.append, stage="synthesis")
+    assert out.shape == coarse.shape == shape and torch.isfinite(out).all() and not torch.equal(out, coarse)
     windows = rec.windows()
-    # image level: two steps on one window spanning the whole volume
+    # whole volume: two steps on one window spanning the whole volume, told its coarse voxel size
     for x, coords, *_ in windows[:2]:
         assert x.shape == (16, 16, 16)
         torch.testing.assert_close(coords, _global_coords((16, 16, 16)))
-    # refinement: native windows, from 0.4 T down
+    coarse_spacing = rec.calls[0]["spacing"][0]
+    torch.testing.assert_close(coarse_spacing, torch.tensor([2.5 * 24 / 16, 0.8, 0.7 * 20 / 16]))
+    # refinement: windows on the full grid at its own voxel size, from 0.4 T down
     refine = windows[2:]
-    n = len(sampler.layout(shape)[2])
+    n = len(sampler.layout(shape))
     assert len(refine) == 2 * n and n > 1
     assert max(w[4] for w in refine) == round(0.4 * 999)
+    torch.testing.assert_close(rec.calls[-1]["spacing"][0], torch.tensor([2.5, 0.8, 0.7]))
     fractions = [p.fraction for p in reports]
     assert all(b >= a for a, b in zip(fractions, fractions[1:]))
     assert fractions[-1] == pytest.approx(1.0)
-    assert {p.stage for p in reports} == {"image level", "refinement"}
+    assert {p.stage for p in reports} == {"synthesis (whole volume)", "synthesis (refinement)"}
 
 
 # ------------------------------------------------------------------------------- (9) coordinates
@@ -359,7 +372,7 @@ def test_each_window_gets_its_place_in_the_whole_volume(tiny_predictor, shape):
     sampler = PatchSampler(rec, SamplerOptions(batch_size=2))
     x = _noise(shape, 9)
     sampler.predict_eps(x, 100, Condition())
-    win, padded, slices = sampler.layout(shape)
+    slices = sampler.layout(shape).slices
     windows = rec.windows()
     assert len(windows) == len(slices) > 1
     full = _global_coords(shape)
@@ -382,3 +395,25 @@ def test_padded_windows_and_coordinate_ranges(tiny_predictor):
     assert coords[0, 5, 0, 0] == pytest.approx(0.75)  # the padding voxel continues the axis
     torch.testing.assert_close(coords[1, 0, :, 0], torch.linspace(0.0, 1.0, 16))
     assert torch.equal(xw[5], x[4])  # edge padding
+
+
+# ------------------------------------------------------------------------------- (10) voxel size
+def test_inverse_weight_sum_is_the_accumulated_weight():
+    from MedDiffFMLib.sampling import inverse_weight_sum, make_layout
+
+    lay = make_layout((40, 23, 30), 16, 2, 0.3)
+    total = torch.zeros(lay.padded)
+    w = blend_weight(lay)
+    for sl in lay.slices:
+        total[sl] += w
+    torch.testing.assert_close(inverse_weight_sum(lay), 1.0 / total, rtol=1e-5, atol=0)
+
+
+def test_every_window_is_told_the_clamped_voxel_size(tiny_predictor):
+    rec = Recorder(tiny_predictor)
+    lo, hi = tiny_predictor.cfg.spacing_range_mm
+    PatchSampler(rec, SamplerOptions(batch_size=2)).predict_eps(_noise((40, 16, 16)), 10,
+                                                               Condition(spacing=(hi * 3, 0.8, lo / 4)))
+    assert len(rec.calls) > 1
+    for c in rec.calls:
+        assert torch.equal(c["spacing"], torch.tensor([[hi, 0.8, lo]] * c["x"].shape[0]))

@@ -1,135 +1,82 @@
-"""The module's node-level logic against a real MRML scene (``slicer-core`` wheel, no Slicer app).
+"""The module's node logic against a real MRML scene (``slicer-core`` wheel, no Slicer app).
 
 The scene is stood up as Slicer's application (and trame-slicer) does it: a
-vtkSlicerApplicationLogic with the default colour nodes, and the volumes, segmentations,
-and subject hierarchy logics registered (``MedDiffFMSlicer.headless``).
-
-Tasks are test doubles here (a runner with run_task's signature).
-TODO(lead): add one case with ``runner=None`` (the real in-process run_task) and a tiny model.
+vtkSlicerApplicationLogic with the default colour nodes, and the volumes, segmentations and
+subject hierarchy logics registered (``MedDiffFMSlicer.headless``). Tasks are a stand-in runner
+whose outputs are written by hand below (not read from the registry or the module), plus one
+real run of ``run_task`` on the tiny model.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from slicer_scene import (SHAPE, add_segment, add_volume, all_node_ids, app, assert_untouched, ct,  # noqa: F401
+                          node_array, node_matrix, sh_item_count, slicer, vtk_matrix)
 
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install slicer-core vtk==9.6.0)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+from MedDiffFMLib.tasks.base import Cancelled, TaskResult
+from MedDiffFMLib.volume import Volume
+from MedDiffFMSlicer import display, nodes, outputs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "MedDiffFM"))
-
-from vtkmodules.util import numpy_support  # noqa: E402
-from vtkmodules.vtkCommonDataModel import vtkImageData  # noqa: E402
-
-from MedDiffFMLib.tasks.base import Cancelled, TaskResult  # noqa: E402
-from MedDiffFMLib.volume import Volume  # noqa: E402
-from MedDiffFMSlicer import nodes  # noqa: E402
-from MedDiffFMSlicer.headless import create_scene  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers that build nodes with plain VTK calls (not with the code under test)
-
-
-def oblique_matrix(spacing=(0.7, 0.9, 2.5), origin=(-12.25, 20.5, 7.125)) -> np.ndarray:
-    """IJK->RAS with a rotation about a skewed axis and anisotropic spacing (i, j, k)."""
-    a, b, c = np.radians([12.0, -25.0, 33.0])
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    m = np.eye(4)
-    m[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
-    m[:3, 3] = origin
-    return m
+# What each task returns (volumes, segmentations), written by hand from the task modules.
+TASK_OUTPUTS = {
+    "denoise": (("denoised",), ()),
+    "anomaly": (("anomaly_map", "reconstruction"), ("anomaly",)),
+    "synthesize": (("synthetic",), ()),
+    "superres": (("superres",), ()),
+    "lesion": (("lesion",), ("lesion",)),
+    "inpaint": (("inpainted",), ("inpainted_region",)),
+}
+# The node names users see (README, "The tasks, as clicks") and the outputs that an existing
+# "output volume" / "output segmentation" node receives.
+NODE_NAMES = {
+    "denoised": "CT denoised", "anomaly_map": "CT anomaly map", "reconstruction": "CT anomaly reconstruction",
+    "anomaly_segmentation": "CT anomaly segmentation", "synthetic": "CT synthetic", "superres": "CT super-resolution",
+    "lesion": "CT lesion", "lesion_segmentation": "CT lesion segmentation", "inpainted": "CT inpainted",
+    "inpainted_region_segmentation": "CT inpainted region segmentation",
+}
+PRIMARY = {"denoise": ("denoised", None), "anomaly": ("anomaly_map", "anomaly"), "synthesize": ("synthetic", None),
+           "superres": ("superres", None), "lesion": ("lesion", "lesion"), "inpaint": ("inpainted", "inpainted_region")}
+MASK_TASKS = ("lesion", "inpaint")
 
 
-def vtk_matrix(a):
-    return nodes.numpy_to_matrix(a)
+class FakeRunner:
+    """run_task's signature; returns :data:`TASK_OUTPUTS` on the input grid (superres: a grid
+    of half the slice spacing)."""
+
+    def __init__(self, fail=None):
+        self.fail = fail
+        self.calls = []
+
+    def __call__(self, task, request, model=None, *, controlnet=None, device="auto", progress=None, cancel=None):
+        self.calls.append((task, request, model, controlnet, device))
+        if self.fail is not None:
+            raise self.fail
+        img = request.image
+        volume_names, segment_names = TASK_OUTPUTS[task]
+        volumes, segments = {}, {}
+        for n, name in enumerate(volume_names):
+            volumes[name] = Volume((img.array - 1 - n).astype(np.float32), img.ijk_to_ras)
+        if task == "superres":
+            m = img.ijk_to_ras.copy()
+            m[:3, 2] /= 2  # half the slice spacing
+            m[:3, 3] -= img.ijk_to_ras[:3, 2] / 4  # keep the slab's extent
+            volumes["superres"] = Volume((np.repeat(img.array, 2, axis=0) + 0.5).astype(np.float32), m)
+        if task == "anomaly":  # a z-score-like map
+            z = np.abs(img.array - img.array.mean()) / img.array.std()
+            volumes["anomaly_map"] = Volume(z.astype(np.float32), img.ijk_to_ras)
+        for name in segment_names:
+            mask = request.mask.array if request.mask is not None else volumes["anomaly_map"].array > 1.5
+            segments[name] = Volume(np.asarray(mask).copy(), img.ijk_to_ras)
+        return TaskResult(volumes=volumes, segmentations=segments, scores={"anomaly_score": 0.73},
+                          summary=f"{task} done")
 
 
-def add_volume(scene, array, ijk_to_ras, name="CT", cls="vtkMRMLScalarVolumeNode"):
-    node = scene.AddNewNodeByClass(cls, name)
-    image = vtkImageData()
-    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def add_segment(seg_node, mask_kji, ijk_to_ras, name, segment_id=""):
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(mask_kji.shape[2], mask_kji.shape[1], mask_kji.shape[0])
-    image.GetPointData().SetScalars(
-        numpy_support.numpy_to_vtk(np.ascontiguousarray(mask_kji.astype(np.uint8)).ravel(), deep=True))
-    image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
-    return seg_node.AddSegmentFromBinaryLabelmapRepresentation(image, name, [1.0, 0.0, 0.0], segment_id)
-
-
-def node_array(node):
-    image = node.GetImageData()
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
-
-
-def node_matrix(node):
-    return nodes.ijk_to_ras_of(node)
-
-
-def all_node_ids(scene):
-    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
-
-
-def sh_item_count(scene):
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    from vtkmodules.vtkCommonCore import vtkIdList
-
-    ids = vtkIdList()
-    sh.GetItemChildren(sh.GetSceneItemID(), ids, True)
-    return ids.GetNumberOfIds()
-
-
-SHAPE = (9, 12, 14)  # k, j, i
-
-
-@pytest.fixture(scope="module")
-def app():
-    return create_scene()
-
-
-@pytest.fixture()
-def ct(app):
-    """An oblique, anisotropic int16 CT in a patient/study folder of the subject hierarchy."""
-    scene = app.scene
-    rng = np.random.default_rng(7)
-    array = rng.integers(-1000, 1500, SHAPE).astype(np.int16)
-    m = oblique_matrix()
-    node = add_volume(scene, array, m, "CT")
-    node.GetDisplayNode().SetAutoWindowLevel(False)
-    node.GetDisplayNode().SetWindowLevel(400, 40)
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
-    study = sh.CreateStudyItem(patient, "Study 1")
-    sh.CreateItem(study, node)
-    node.SetAttribute("kept", "yes")
-    yield node, array, m, study
-    # tests add nodes; leave the module-scoped scene tidy for the next one
-    for cls in ("vtkMRMLVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTransformNode"):
-        for n in [scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls))]:
-            nodes.remove_node(n)
-    sh.RemoveItem(patient, False, True)
-
-
-def assert_untouched(node, array, m, mtime):
-    assert np.array_equal(node_array(node), array)
-    assert node_array(node).dtype == np.int16
-    assert np.array_equal(node_matrix(node), m)
-    assert node.GetImageData().GetMTime() == mtime
-    assert node.GetName() == "CT" and node.GetAttribute("kept") == "yes"
+def drawn_mask(scene, m, box=(slice(3, 5), slice(4, 7), slice(5, 9))):
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")
+    mask = np.zeros(SHAPE, bool)
+    mask[box] = True
+    return seg, add_segment(seg, mask, m, "where"), mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +92,7 @@ def test_volume_round_trip_is_exact(ct):
     assert np.array_equal(vol.ijk_to_ras, m)  # bit for bit: no orientation conventions in between
     vol.array[:] = 0  # the Volume is a copy: the node does not change
     assert_untouched(node, array, m, mtime)
-    back = nodes.new_volume_node(node.GetScene(), nodes.volume_from_node(node), "copy")
+    back = outputs.new_volume_node(node.GetScene(), nodes.volume_from_node(node), "copy")
     assert np.array_equal(node_array(back), array.astype(np.float32))
     assert np.array_equal(node_matrix(back), m)
 
@@ -179,6 +126,30 @@ def test_segment_is_resampled_onto_the_input_grid(app, ct):
         nodes.mask_from_segment(seg, "no-such-segment", node)
 
 
+def test_closed_surface_segment_gives_its_mask(app):
+    """Defect 4: a segmentation held only as closed surfaces (e.g. imported from a model) gave an
+    empty mask; it is converted to a binary labelmap first, as Slicer's export does."""
+    from vtkmodules.vtkFiltersSources import vtkCubeSource
+
+    scene = app.scene
+    m = np.diag([1.0, 1.0, 2.0, 1.0])
+    reference = add_volume(scene, np.zeros((16, 24, 24), np.int16), m, "grid")
+    cube = vtkCubeSource()
+    cube.SetBounds(5.5, 13.5, 7.5, 15.5, 9.0, 19.0)  # 8 x 8 x 10 mm: 8 x 8 x 5 voxels = 320
+    cube.Update()
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Surface")
+    seg.SetSourceRepresentationToClosedSurface()  # as a segmentation loaded from a .seg.vtm file
+    sid = seg.AddSegmentFromClosedSurfaceRepresentation(cube.GetOutput(), "lesion", [1.0, 0.0, 0.0])
+    assert not seg.GetSegmentation().ContainsRepresentation(nodes.BINARY_LABELMAP)
+    mask = nodes.mask_from_segment(seg, sid, reference)
+    assert 0.8 * 320 <= mask.array.sum() <= 1.25 * 320, mask.array.sum()
+    kk, jj, ii = np.nonzero(mask.array)
+    assert 4 <= kk.min() and kk.max() <= 10 and 5 <= ii.min() and ii.max() <= 14
+    assert seg.GetSegmentation().GetSourceRepresentationName() == "Closed surface"  # source kept
+    outputs.remove_node(seg)
+    outputs.remove_node(reference)
+
+
 def test_anatomy_segmentation_to_label_map_and_names(app, ct):
     node, _, m, _ = ct
     seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TotalSegmentator")
@@ -201,122 +172,136 @@ def test_anatomy_segmentation_to_label_map_and_names(app, ct):
     assert request.region is None and request.anatomy_names == names and request.params == {"steps": 2}
 
 
+@pytest.mark.parametrize("task, kwargs, message", [
+    ("sharpen", {}, "unknown task"),
+    ("denoise", {"params": {"steps": 0}}, "steps"),
+    ("denoise", {"params": {"stepz": 2}}, "stepz"),
+    ("denoise", {"region": "knee"}, "region"),
+    ("inpaint", {}, "mask"),
+])
+def test_bad_input_is_refused_before_any_work(ct, task, kwargs, message):
+    node, array, m, _ = ct
+    runner = FakeRunner()
+    with pytest.raises(ValueError, match=message):
+        nodes.process(node, task, runner=runner, **kwargs)
+    assert runner.calls == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 
 
-class FakeRunner:
-    """run_task's signature; returns outputs on the input grid (or a finer grid for superres)."""
-
-    def __init__(self, fail=None):
-        self.fail = fail
-        self.calls = []
-
-    def __call__(self, task, request, model=None, *, controlnet=None, device="auto", progress=None, cancel=None):
-        self.calls.append((task, request, model, controlnet, device))
-        if self.fail is not None:
-            raise self.fail
-        img = request.image
-        if task == "superres":
-            m = img.ijk_to_ras.copy()
-            m[:3, 2] /= 2  # half the slice spacing
-            m[:3, 3] -= img.ijk_to_ras[:3, 2] / 4  # keep the slab's extent
-            arr = np.repeat(img.array, 2, axis=0) + 0.5
-            return TaskResult(volumes={"superres": Volume(arr.astype(np.float32), m)}, summary="sr")
-        if task == "anomaly":
-            amap = np.abs(img.array - img.array.mean()).astype(np.float32) / 100
-            seg = amap > np.percentile(amap, 90)
-            return TaskResult(volumes={"anomaly_map": Volume(amap, img.ijk_to_ras),
-                                       "reconstruction": Volume(img.array * 0 + 40, img.ijk_to_ras)},
-                              segmentations={"anomaly": Volume(seg, img.ijk_to_ras)},
-                              scores={"anomaly_score": 0.73}, summary="anomaly done")
-        if task == "lesion":
-            return TaskResult(volumes={"lesion": Volume(img.array + 1, img.ijk_to_ras)},
-                              segmentations={"lesion": Volume(request.mask.array.copy(), img.ijk_to_ras)})
-        segs = {}
-        if task in nodes.PRIMARY_SEGMENTATION:
-            segs[nodes.PRIMARY_SEGMENTATION[task]] = Volume(request.mask.array.copy(), img.ijk_to_ras)
-        return TaskResult(volumes={nodes.PRIMARY_VOLUME[task]: Volume(img.array - 1, img.ijk_to_ras)},
-                          segmentations=segs)
+def test_every_task_makes_its_outputs_under_the_names_users_see(app, ct):
+    node, array, m, _ = ct
+    seg, _, _ = drawn_mask(app.scene, m)
+    for task, (volume_names, segment_names) in TASK_OUTPUTS.items():
+        kwargs = {"mask_segmentation": seg} if task in MASK_TASKS else {}
+        out = nodes.process(node, task, runner=FakeRunner(), **kwargs)
+        assert set(out) == set(volume_names) | {s + "_segmentation" for s in segment_names}, task
+        for key, n in out.items():
+            assert n.GetName() == NODE_NAMES[key], (task, key)
+            assert n.GetAttribute("MedDiffFM.task") == task
+            outputs.remove_node(n)
 
 
-def test_anomaly_result_nodes(app, ct):
+@pytest.mark.parametrize("task", list(TASK_OUTPUTS))
+def test_existing_output_nodes_receive_the_primary_outputs(app, ct, task):
+    node, array, m, _ = ct
+    scene = app.scene
+    seg, _, mask = drawn_mask(scene, m)
+    out_vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my output")
+    out_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    primary_volume, primary_segment = PRIMARY[task]
+    out = nodes.process(node, task, runner=FakeRunner(), mask_segmentation=seg if task in MASK_TASKS else None,
+                        output_volume=out_vol, output_segmentation=out_seg)
+    assert out[primary_volume] is out_vol and out_vol.GetName() == "my output"
+    if primary_segment is None:
+        assert out_seg.GetSegmentation().GetNumberOfSegments() == 0
+    else:
+        assert out[primary_segment + "_segmentation"] is out_seg
+        sid = out_seg.GetSegmentation().GetNthSegmentID(0)
+        if task in MASK_TASKS:
+            assert np.array_equal(nodes.mask_from_segment(out_seg, sid, node).array, mask)
+    assert all(n is out_vol or n.GetName() == NODE_NAMES[k] for k, n in out.items() if n is not out_seg)
+    with pytest.raises(ValueError, match="must not be the input"):
+        nodes.process(node, "denoise", runner=FakeRunner(), output_volume=node)
+
+
+def test_anomaly_map_threshold_legend_and_segment_terminology(app, ct):
     node, array, m, study = ct
     mtime = node.GetImageData().GetMTime()
     transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     node.SetAndObserveTransformNodeID(transform.GetID())
     runner = FakeRunner()
-    out = nodes.process(node, "anomaly", runner=runner, params={"steps": 4}, model="tiny", device="cpu")
+    out = nodes.process(node, "anomaly", runner=runner, params={"steps": 4, "threshold": 1.5}, model="tiny",
+                        device="cpu")
     assert runner.calls[0][2] == "tiny" and runner.calls[0][4] == "cpu"
-    assert set(out) == {"anomaly_map", "reconstruction", "anomaly_segmentation"}
     amap, recon, seg = out["anomaly_map"], out["reconstruction"], out["anomaly_segmentation"]
-    assert amap.GetName() == "CT anomaly map" and recon.GetName() == "CT anomaly reconstruction"
-    assert seg.GetName() == "CT anomaly segmentation"
-    for n in (amap, recon):
-        assert np.array_equal(node_matrix(n), m)
-        assert node_array(n).dtype == np.float32
-    # heat colour map on the anomaly map; the reconstruction keeps the input's window/level
-    assert amap.GetDisplayNode().GetColorNodeID() == nodes.heat_color_node_id(app.scene)
-    assert amap.GetDisplayNode().GetColorNodeID() in nodes.HEAT_COLOR_NODE_IDS
-    assert recon.GetDisplayNode().GetWindow() == pytest.approx(400)
-    # the segmentation matches the mask, read back onto the input grid
-    expected = runner.calls[0][1].image.array
-    expected = np.abs(expected - expected.mean()) / 100
-    expected = expected > np.percentile(expected, 90)
+    d = amap.GetDisplayNode()
+    # heat colours from the threshold up; below it transparent (no darkened overlay); a legend
+    assert d.GetColorNodeID() == display.heat_color_node_id(app.scene) and d.GetColorNodeID()
+    assert d.GetApplyThreshold() and d.GetLowerThreshold() == pytest.approx(1.5)
+    assert d.GetWindowLevelMin() == pytest.approx(1.5)
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(amap)
+    assert legend is not None and legend.GetTitleText() == "anomaly (z)"
+    display.set_anomaly_threshold(amap, 2.5)
+    assert d.GetLowerThreshold() == pytest.approx(2.5)
+    assert recon.GetDisplayNode().GetWindow() == pytest.approx(400)  # input's window/level
+    # the segment: SNOMED CT "Lesion" (52988006) under "Morphologically Altered Structure"
+    segment = seg.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "Lesion" and "SCT^52988006^Lesion" in segment.GetTerminology()
+    assert "SCT^49755003^Morphologically Altered Structure" in segment.GetTerminology()
+    expected = np.abs(array - array.mean()) / array.std() > 1.5
     sid = seg.GetSegmentation().GetNthSegmentID(0)
-    assert seg.GetSegmentation().GetSegment(sid).GetName() == "anomaly"
     assert np.array_equal(nodes.mask_from_segment(seg, sid, node).array, expected)
-    # placed in the input's study, under the input's transform, tagged with the scores
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
     for n in out.values():
         assert sh.GetItemParent(sh.GetItemByDataNode(n)) == study
         assert n.GetTransformNodeID() == transform.GetID()
-        assert n.GetAttribute("MedDiffFM.task") == "anomaly"
         assert float(n.GetAttribute("MedDiffFM.score.anomaly_score")) == pytest.approx(0.73)
     assert_untouched(node, array, m, mtime)
+    # without a threshold parameter the map uses the anomaly task's default (robust z > 4)
+    out = nodes.process(node, "anomaly", runner=FakeRunner())
+    assert out["anomaly_map"].GetDisplayNode().GetLowerThreshold() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("task, params, name, code, rgb", [
+    ("lesion", {}, "Mass", "4147007", (144, 238, 144)),
+    ("inpaint", {"content": "lesion"}, "Mass", "4147007", (144, 238, 144)),
+    ("inpaint", {"content": "healthy"}, "Tissue", "85756007", (128, 174, 128)),
+])
+def test_generated_segments_get_standard_names_and_colours(app, ct, task, params, name, code, rgb):
+    node, array, m, _ = ct
+    seg, _, _ = drawn_mask(app.scene, m)
+    out = nodes.process(node, task, runner=FakeRunner(), params=params, mask_segmentation=seg)
+    (segmentation,) = [n for k, n in out.items() if k.endswith("_segmentation")]
+    segment = segmentation.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == name and f"SCT^{code}^{name}" in segment.GetTerminology()
+    assert np.allclose(segment.GetColor(), np.array(rgb) / 255.0)
+
+
+def test_show_in_3d_makes_surfaces(app, ct):
+    node, array, m, _ = ct
+    seg, _, _ = drawn_mask(app.scene, m)
+    out = nodes.process(node, "lesion", runner=FakeRunner(), mask_segmentation=seg)
+    result = out["lesion_segmentation"]
+    display.show_in_3d(result)
+    assert result.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert result.GetDisplayNode().GetVisibility3D()
+    display.show_in_3d(result, False)
+    assert not result.GetDisplayNode().GetVisibility3D()
 
 
 def test_superres_output_has_the_new_grid(app, ct):
     node, array, m, study = ct
     mtime = node.GetImageData().GetMTime()
-    out = nodes.process(node, "superres", runner=FakeRunner())
-    sr = out["superres"]
+    sr = nodes.process(node, "superres", runner=FakeRunner())["superres"]
     expected = m.copy()
     expected[:3, 2] /= 2
     expected[:3, 3] -= m[:3, 2] / 4
     assert np.array_equal(node_matrix(sr), expected)
-    assert node_array(sr).shape == (2 * SHAPE[0], SHAPE[1], SHAPE[2])
     assert np.array_equal(node_array(sr), np.repeat(array.astype(np.float32), 2, axis=0) + 0.5)
-    assert sr.GetName() == "CT super-resolution"
     assert_untouched(node, array, m, mtime)
-
-
-def test_lesion_needs_a_mask_and_writes_existing_outputs(app, ct):
-    node, array, m, _ = ct
-    scene = app.scene
-    with pytest.raises(ValueError, match="mask"):
-        nodes.process(node, "lesion", runner=FakeRunner())
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")
-    box = np.zeros(SHAPE, bool)
-    box[3:5, 4:7, 5:9] = True
-    add_segment(seg, box, m, "where")
-    out_vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my output")
-    out_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my lesion")
-    before = all_node_ids(scene)
-    runner = FakeRunner()
-    out = nodes.process(node, "lesion", runner=runner, mask_segmentation=seg, output_volume=out_vol,
-                        output_segmentation=out_seg)
-    assert out["lesion"] is out_vol and out["lesion_segmentation"] is out_seg
-    assert out_vol.GetName() == "my output"
-    assert np.array_equal(node_array(out_vol), array.astype(np.float32) + 1)
-    assert np.array_equal(node_matrix(out_vol), m)
-    assert np.array_equal(runner.calls[0][1].mask.array, box)
-    sid = out_seg.GetSegmentation().GetNthSegmentID(0)
-    assert np.array_equal(nodes.mask_from_segment(out_seg, sid, node).array, box)
-    new = all_node_ids(scene) - before
-    assert all(not scene.GetNodeByID(i).IsA("vtkMRMLVolumeNode") for i in new)  # no extra volumes
-    with pytest.raises(ValueError, match="must not be the input"):
-        nodes.process(node, "denoise", runner=FakeRunner(), output_volume=node)
 
 
 @pytest.mark.parametrize("error", [ValueError("the image is empty"), Cancelled("cancelled")])
@@ -336,27 +321,13 @@ def test_nodes_are_removed_again_when_adding_them_fails(app, ct, monkeypatch):
     scene = app.scene
     before, items = all_node_ids(scene), sh_item_count(scene)
 
-    def broken(volume_node):
+    def broken(volume_node, threshold):
         raise RuntimeError("display failed")
 
-    monkeypatch.setattr(nodes, "show_as_heat_map", broken)
+    monkeypatch.setattr(display, "show_anomaly_map", broken)
     with pytest.raises(RuntimeError, match="display failed"):
         nodes.process(node, "anomaly", runner=FakeRunner())
     assert all_node_ids(scene) == before and sh_item_count(scene) == items
-
-
-def test_every_task_makes_its_primary_output(app, ct):
-    node, array, m, _ = ct
-    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")
-    box = np.zeros(SHAPE, bool)
-    box[2:4, 2:4, 2:4] = True
-    add_segment(seg, box, m, "where")
-    for task in nodes.TASKS:
-        kwargs = {"mask_segmentation": seg} if task in nodes.MASK_TASKS else {}
-        out = nodes.process(node, task, runner=FakeRunner(), **kwargs)
-        assert nodes.PRIMARY_VOLUME[task] in out, task
-        if task in nodes.PRIMARY_SEGMENTATION:
-            assert nodes.PRIMARY_SEGMENTATION[task] + "_segmentation" in out
 
 
 def test_real_task_in_process_with_a_tiny_model(app, ct, tiny_model_dir):
@@ -365,7 +336,9 @@ def test_real_task_in_process_with_a_tiny_model(app, ct, tiny_model_dir):
     mtime = node.GetImageData().GetMTime()
     out = nodes.process(node, "denoise", params={"steps": 1, "seed": 0}, region="chest", model=tiny_model_dir,
                         device="cpu")
+    assert set(out) == {"denoised"}
     denoised = out["denoised"]
+    assert denoised.GetName() == NODE_NAMES["denoised"]
     assert np.array_equal(node_matrix(denoised), m)
     assert node_array(denoised).shape == SHAPE and np.isfinite(node_array(denoised)).all()
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)

@@ -16,7 +16,7 @@ from MedDiffFMLib import cli, io, preprocessing
 from MedDiffFMLib.geometry import make_ijk_to_ras, voxel_to_ras
 from MedDiffFMLib.phantoms import make_phantom
 from MedDiffFMLib.tasks import Cancelled, TaskRequest, run_task
-from MedDiffFMLib.tasks.inpaint import repaint_schedule
+from MedDiffFMLib.sampling import repaint_schedule
 from MedDiffFMLib.volume import Volume
 
 from conftest import Recorder
@@ -136,7 +136,7 @@ def test_masked_tasks_keep_the_input_grid(runs, task):
 
 
 def test_superres_grid_on_the_phantom(runs):
-    """Factor (2, 1, 1) from the ControlNet's config: spacing (1, 1, 1.2), first corner fixed."""
+    """Factor 2 (auto: 2 mm slices over 1.1 mm in-plane): spacing (1, 1, 1.2), first corner fixed."""
     r = runs("superres")
     out, img = r["first"].volumes["superres"], r["req"].image
     np.testing.assert_allclose(out.spacing_kji, img.spacing_kji / [2, 1, 1], rtol=0, atol=1e-12)
@@ -226,7 +226,7 @@ def test_superres_geometry_on_an_oblique_4mm_grid(tiny_model_dir, tiny_controlne
     m = oblique((4.0, 1.0, 1.0))
     ph = make_phantom(REGION, shape_kji=(4, 12, 12), spacing_kji=(4.0, 1.0, 1.0), seed=5, noise_hu=10.0,
                       ijk_to_ras=m)
-    req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": (2, 1, 1)})
+    req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2})
     out = run("superres", req, tiny_model_dir, tiny_controlnet_dirs).volumes["superres"]
     assert out.array.shape == (8, 12, 12)
     np.testing.assert_allclose(out.spacing_kji, (2.0, 1.0, 1.0), rtol=0, atol=1e-12)
@@ -240,34 +240,36 @@ def test_superres_geometry_on_an_oblique_4mm_grid(tiny_model_dir, tiny_controlne
 
 
 @pytest.fixture(scope="module")
-def aligned_superres(tiny_model_dir, tiny_controlnet_dirs):
-    """2 mm slices, factor (2, 1, 1): the output grid (1 mm) is the tiny model's grid."""
+def superres_runs(tiny_model_dir, tiny_controlnet_dirs):
+    """2 mm slices, factor 2, with and without the self-check."""
     ph = make_phantom(REGION, shape_kji=(6, 14, 14), spacing_kji=(2.0, 1.0, 1.0), seed=9, noise_hu=10.0,
                       ijk_to_ras=oblique((2.0, 1.0, 1.0)))
     out = {}
-    for consistency in (True, False):
-        req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 2, "consistency": consistency})
-        out[consistency] = run("superres", req, tiny_model_dir, tiny_controlnet_dirs).volumes["superres"]
+    for check in (True, False):
+        req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 2, "factor": 2, "self_check": check})
+        out[check] = run("superres", req, tiny_model_dir, tiny_controlnet_dirs)
     return ph, out
 
 
-def test_superres_consistency_keeps_block_means(aligned_superres):
-    ph, out = aligned_superres
-    res = out[True].array
+@pytest.mark.parametrize("check", [True, False])
+def test_superres_keeps_slab_means(superres_runs, check):
+    ph, out = superres_runs
+    res = out[check].volumes["superres"].array
     assert res.shape == (12, 14, 14)
     means = res.reshape(6, 2, 14, 14).astype(np.float64).mean(1)
+    np.testing.assert_allclose(means, ph.hu, rtol=0, atol=1e-3)  # inside the window or not
+
+
+def test_superres_self_check_weighs_the_model_detail(superres_runs):
+    ph, out = superres_runs
+    checked, unchecked = out[True], out[False]
+    assert unchecked.scores["model_weight"] == 1.0 and "self_check_gain_db" not in unchecked.scores
+    w = checked.scores["model_weight"]
+    assert 0.0 <= w <= 1.0 and checked.scores["self_check_gain_db"] >= 0.0
+    # the unchecked run keeps all of the model's detail: the two voxels of a slab differ
+    res = unchecked.volumes["superres"].array
     inside = ~preprocessing.outside_window(ph.hu, REGION)
-    assert inside.sum() > 100
-    np.testing.assert_allclose(means[inside], ph.hu[inside], rtol=0, atol=1e-3)
-    # not a copy of the input: the two voxels of a block differ
     assert np.abs(res[0::2] - res[1::2])[inside].max() > 1.0
-
-
-def test_superres_without_consistency_does_not_keep_block_means(aligned_superres):
-    ph, out = aligned_superres
-    means = out[False].array.reshape(6, 2, 14, 14).astype(np.float64).mean(1)
-    inside = ~preprocessing.outside_window(ph.hu, REGION)
-    assert np.abs(means - ph.hu)[inside].max() > 1.0
 
 
 def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_controlnet_dirs, task_phantom):
@@ -277,8 +279,9 @@ def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_cont
 
 
 @pytest.mark.parametrize("params,match", [
-    ({"factor": (0.5, 1, 1)}, "factor"),
-    ({"factor": (2, 1)}, "factor"),
+    ({"factor": 1}, "factor"),
+    ({"factor": (2, 1, 1)}, "factor"),
+    ({"factor": 2.5}, "factor"),
     ({"noise_fraction": 0.0}, "noise_fraction"),
 ])
 def test_superres_rejects_bad_parameters(tiny_model_dir, tiny_controlnet_dirs, task_phantom, params, match):
@@ -414,7 +417,7 @@ def test_inpaint_rejects_unknown_content(tiny_model_dir, tiny_controlnet_dirs, t
 
 @pytest.mark.parametrize("task,wrong", [("superres", "lesion"), ("lesion", "superres"), ("inpaint", "superres")])
 def test_a_controlnet_of_another_task_is_refused(tiny_model_dir, tiny_controlnet_dirs, task_phantom, task, wrong):
-    req = request_for(task, task_phantom, {"steps": 1, "factor": (2, 1, 1)} if task == "superres" else None,
+    req = request_for(task, task_phantom, {"steps": 1, "factor": 2} if task == "superres" else None,
                       anatomy=False)
     with pytest.raises(ValueError, match=f"trained for '{wrong}'"):
         run_task(task, req, tiny_model_dir, controlnet=tiny_controlnet_dirs[wrong], device="cpu")

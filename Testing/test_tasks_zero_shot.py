@@ -170,11 +170,21 @@ def test_denoise_keeps_voxels_outside_the_window(runs):
     assert r["first"].scores["noise_level_hu"] > 0
 
 
-def test_anomaly_mask_follows_the_map(runs):
-    res = runs("anomaly")["first"]
-    amap = res.volumes["anomaly_map"].array
-    assert np.all(amap >= 0)
-    assert res.scores["threshold"] > 0
+def test_anomaly_mask_follows_the_map(tiny_model_dir, task_phantom):
+    """The mask is the map above the threshold (components below the minimum size dropped):
+    a lower threshold flags a superset, and every flagged voxel is above the threshold."""
+    masks = {}
+    for threshold in (0.5, 2.0):
+        req = request_for("anomaly", task_phantom, {"threshold": threshold, "min_size_mm3": 0.0})
+        res = run_task("anomaly", req, tiny_model_dir, device="cpu")
+        amap, mask = res.volumes["anomaly_map"].array, res.segmentations["anomaly"].array
+        assert np.all(amap >= 0) and mask.dtype == bool
+        # no size filter: exactly the map above the threshold (the map is 0 outside the body)
+        assert np.array_equal(mask, amap > threshold) and mask.any()
+        assert res.scores["anomalous_volume_ml"] == pytest.approx(mask.sum() * np.prod(req.image.spacing_kji) / 1e3)
+        masks[threshold] = mask
+    assert masks[2.0].sum() < masks[0.5].sum()
+    assert np.all(masks[0.5][masks[2.0]])
 
 
 def test_synthesize_grids_without_anatomy(tiny_model_dir, task_phantom):

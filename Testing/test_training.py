@@ -39,7 +39,7 @@ def _structured_cases(n=2, shape=(12, 12, 12), seed=0):
         r = (c ** 2).sum(0).sqrt()
         image = torch.where(r < 0.6 + 0.1 * i, 0.4, -0.8) + 0.05 * torch.randn(shape, generator=g)
         groups = (r < 0.6 + 0.1 * i).to(torch.int8) * (2 + i)
-        cases.append(Case(image.float(), groups, region=1 + i, name=f"synthetic-{i}"))
+        cases.append(Case(image.float(), (2.0, 1.5, 1.5), groups, region=1 + i, name=f"synthetic-{i}"))
     return cases
 
 
@@ -62,7 +62,7 @@ def ramp_case():
     groups = torch.zeros(SHAPE, dtype=torch.int8)
     groups[:12] = 2 + anatomy.GROUP_NAMES.index("bone")
     groups[12:] = 1
-    return Case(_linear(c).float(), groups, region=2)
+    return Case(_linear(c).float(), (2.5, 0.8, 0.7), groups, region=2)
 
 
 def test_image_level_sample_spans_the_whole_volume(ramp_case):
@@ -75,6 +75,43 @@ def test_image_level_sample_spans_the_whole_volume(ramp_case):
     torch.testing.assert_close(s["x0"][0], _linear(s["coords"]), atol=1e-5, rtol=0)
     assert int(s["region"]) == 2
     assert torch.all(s["anatomy"][-1] == 1)  # the "anatomy given" flag
+    # one sample voxel covers (volume / window) case voxels: the image level is coarse
+    torch.testing.assert_close(s["spacing"], torch.tensor([2.5 * SHAPE[0] / WINDOW, 0.8 * SHAPE[1] / WINDOW,
+                                                           0.7 * SHAPE[2] / WINDOW]))
+
+
+def test_sample_voxel_size_per_level(ramp_case):
+    gen = torch.Generator().manual_seed(1)
+    native = draw_sample(ramp_case, WINDOW, gen, level=2)["spacing"]
+    torch.testing.assert_close(native, torch.tensor([2.5, 0.8, 0.7]))
+    double = draw_sample(ramp_case, WINDOW, gen, level=1)["spacing"]
+    crop = [min(2 * WINDOW, n) for n in SHAPE]
+    torch.testing.assert_close(double, torch.tensor([s * c / WINDOW for s, c in zip((2.5, 0.8, 0.7), crop)]))
+
+
+def test_warm_start_keeps_an_earlier_network_and_zeroes_new_input_channels(make_tiny_model):
+    from MedDiffFMLib.networks import FoundationUNet
+    from MedDiffFMLib.training import warm_start
+
+    old = make_tiny_model(3)
+    sd = old.state_dict()
+    key = "unet.conv_in.conv.weight"
+    sd[key] = sd[key][:, :-3].clone()  # an earlier network without the voxel-size channels
+    new = FoundationUNet(old.cfg)
+    assert warm_start(new, sd) == []
+    w = new.state_dict()[key]
+    assert torch.equal(w[:, :-3], sd[key]) and not w[:, -3:].any()
+    assert all(torch.equal(v, sd[k]) for k, v in new.state_dict().items() if k != key)
+
+
+def test_cpu_bf16_training_step_is_finite(tmp_path):
+    cfg = preset("tiny", window=8)
+    opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, progress=False, precision="bf16", checkpoint_every=10_000)
+    trainer = Trainer(_structured_cases(), tmp_path, opts, cfg, device="cpu")
+    assert trainer.use_bf16 and trainer.channels_last
+    losses = trainer.train()
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "model" / "model.safetensors")).values())
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -117,7 +154,7 @@ def test_double_crop_coordinates_span_the_right_sub_range(ramp_case, seed):
 
 
 def test_case_without_labels_gets_the_null_anatomy():
-    case = Case(torch.zeros(10, 10, 10), None, region=3)
+    case = Case(torch.zeros(10, 10, 10), region=3)
     for level in range(3):
         s = draw_sample(case, WINDOW, torch.Generator().manual_seed(level), level)
         assert s["anatomy"].shape == (anatomy.NUM_CHANNELS, WINDOW, WINDOW, WINDOW)
@@ -127,7 +164,7 @@ def test_case_without_labels_gets_the_null_anatomy():
 def test_condition_dropout_and_level_rates():
     shape = (12, 12, 12)
     c = _coords(shape)
-    case = Case(_linear(c).float(), torch.ones(shape, dtype=torch.int8), region=2)
+    case = Case(_linear(c).float(), groups=torch.ones(shape, dtype=torch.int8), region=2)
     opts = TrainOptions(p_drop_region=0.3, p_drop_anatomy=0.6, level_probs=(0.5, 0.3, 0.2))
     n = 1200
     batch = draw_batch([case], n, 4, torch.Generator().manual_seed(0), opts)
@@ -162,11 +199,12 @@ LEARN_STEPS = 60
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The tiny model trained briefly on three phantoms at 8 mm (16 x 20 x 20 voxels)."""
+    """The tiny model trained briefly on three phantoms at 4-8 mm (at most 16 x 40 x 40 voxels)."""
     from MedDiffFMLib.training import phantom_cases
 
-    cfg = preset("tiny", spacing_mm=8.0)
-    cases = phantom_cases(3, cfg, fov_mm=(128.0, 160.0, 160.0))
+    cfg = preset("tiny", spacing_range_mm=(4.0, 8.0))
+    cases = phantom_cases(3, cfg, fov_mm=(64.0, 160.0, 160.0))
+    assert all(4.0 <= s <= 5.0 for c in cases for s in c.spacing)
     out = tmp_path_factory.mktemp("trained")
     opts = TrainOptions(steps=LEARN_STEPS, batch_size=2, lr=2e-3, ema_decay=0.99, checkpoint_every=10_000,
                         log_every=10, progress=False, seed=0)
@@ -197,7 +235,7 @@ def test_model_directory_holds_the_ema(trained):
     assert len(differ) > 0.9 * len(floating)
     cfg = read_config(out / "model")
     assert cfg["kind"] == "base" and cfg["meta"]["steps"] == LEARN_STEPS
-    assert cfg["spacing_mm"] == 8.0
+    assert cfg["spacing_range_mm"] == [4.0, 8.0]
     model = load_base(out / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(v, trainer.ema[k]), k
@@ -277,7 +315,7 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(HERE / "ddp_train_worker.py"), str(tmp_path / "hashes"),
-           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-fov", "64", "80", "80", "--spacing", "8",
+           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-fov", "64", "80", "80", "--spacing-range", "4", "8",
            "--steps", "3", "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--device", "cpu",
            "--no-progress", "--checkpoint-every", "100"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)

@@ -1,10 +1,11 @@
 """The Qt Designer file against the module code (no Slicer needed: XML + ast).
 
-* every widget the module touches (``self.ui.<name>`` and the name tables it loops over) exists
-  in MedDiffFM.ui with the expected class;
+* every widget the module and its panel touch (``self.ui.<name>`` and the name tables they loop
+  over) exists in MedDiffFM.ui with the expected class;
 * every field of the parameter node is bound to exactly one widget (``SlicerParameterName``) of a
   class Slicer's parameterNodeWrapper can connect to that type;
-* the panel's per-task option table agrees with the library's TASK_PARAMS.
+* the panel's option rows cover exactly the fields that show task parameters.
+(The task facts themselves come from the registry and are not repeated in the module.)
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import ast
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "MedDiffFM" / "MedDiffFM.py"
+QT_FILES = sorted((ROOT / "MedDiffFM" / "MedDiffFMQt").glob("*.py"))
 UI = ROOT / "MedDiffFM" / "Resources" / "UI" / "MedDiffFM.ui"
 
 # Every widget the module code touches, with the class it must have.
@@ -46,6 +46,13 @@ EXPECTED_CLASSES = {
     "modelComboBox": "QComboBox",
     "controlNetLabel": "QLabel", "controlNetComboBox": "QComboBox",
     "importWeightsButton": "QPushButton",
+    "removeModelButton": "QPushButton",
+    "openModelsFolderButton": "QPushButton",
+    "modelsTableWidget": "QTableWidget",
+    "modelsFolderLabel": "QLabel",
+    "show3DButton": "QPushButton",
+    "anomalyThresholdLabel": "QLabel",
+    "anomalyThresholdSliderWidget": "ctkSliderWidget",
     "modelsDirectoryPathLineEdit": "ctkPathLineEdit",
     "outputVolumeSelector": "qMRMLNodeComboBox",
     "outputSegmentationLabel": "QLabel", "outputSegmentationSelector": "qMRMLNodeComboBox",
@@ -86,13 +93,15 @@ def module_constant(name: str):
 
 def touched_widget_names() -> set[str]:
     names = set()
-    for node in ast.walk(module_tree()):
+    trees = [module_tree()] + [ast.parse(p.read_text(encoding="utf-8")) for p in QT_FILES]
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             names.add(node.attr)
     for names_tuple in module_constant("OPTION_WIDGETS").values():
         names.update(names_tuple)
     names.update(module_constant("MASK_WIDGETS"))
+    names.update(module_constant("ANOMALY_WIDGETS"))
     return names
 
 
@@ -105,8 +114,9 @@ def parameter_fields() -> dict[str, ast.expr]:
 
 
 def enum_classes() -> set[str]:
-    return {n.name for n in module_tree().body if isinstance(n, ast.ClassDef)
-            and any(isinstance(b, ast.Name) and b.id == "Enum" for b in n.bases)}
+    """Names bound to ``_LabelledEnum("Name", ...)`` (enums built from the registry's values)."""
+    return {t.id for n in module_tree().body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+            and getattr(n.value.func, "id", "") == "_LabelledEnum" for t in n.targets if isinstance(t, ast.Name)}
 
 
 def field_kind(annotation: ast.expr) -> tuple[str, bool]:
@@ -175,52 +185,14 @@ def test_every_parameter_node_field_is_bound_to_one_compatible_widget():
             assert bounded, f"{name}: a {cls} needs a WithinRange annotation"
 
 
-def test_option_tables_are_consistent():
+def test_option_rows_cover_the_task_parameter_fields():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "MedDiffFM"))
+    from MedDiffFMSlicer import taskoptions
+
     fields = parameter_fields()
-    names = module_constant("PARAMETER_NAMES")
-    options = module_constant("OPTION_WIDGETS")
-    assert set(names) <= set(fields)
-    assert set(options) == set(names)
-    defaults = module_constant("TASK_DEFAULTS")
-    for task, values in defaults.items():
-        assert set(values) <= set(names), task
-
-
-def test_task_option_table_matches_the_library():
-    """The panel's static table (used before torch is installed) agrees with TASK_PARAMS."""
-    tasks = pytest.importorskip("MedDiffFMLib.tasks")
-    if not hasattr(tasks, "TASK_PARAMS"):
-        pytest.skip("MedDiffFMLib.tasks.TASK_PARAMS is not there yet")
-    ui_params = set(module_constant("PARAMETER_NAMES").values())
-    table = _task_parameters_literal()
-    names = module_constant("PARAMETER_NAMES")
-    for task, specs in tasks.TASK_PARAMS.items():
-        offered = set(specs) & ui_params
-        assert table[task] == offered, (task, table[task], offered)
-        for field, value in module_constant("TASK_DEFAULTS").get(task, {}).items():
-            assert specs[names[field]].default == value, (task, field)
-    # combo box choices are the library's
-    enums = _enum_values()
-    for task, specs in tasks.TASK_PARAMS.items():
-        if "precision" in specs and specs["precision"].choices:
-            assert set(enums["Precision"]) == set(specs["precision"].choices)
-        if "content" in specs and specs["content"].choices:
-            assert set(enums["InpaintContent"]) == set(specs["content"].choices)
-
-
-def _enum_values() -> dict[str, list[str]]:
-    out = {}
-    for node in module_tree().body:
-        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "") == "Enum" for b in node.bases):
-            out[node.name] = [ast.literal_eval(s.value) for s in node.body if isinstance(s, ast.Assign)]
-    return out
-
-
-def _task_parameters_literal() -> dict[str, set[str]]:
-    """Evaluate TASK_PARAMETERS (built from the _SAMPLING set) from the module source."""
-    sampling = module_constant("_SAMPLING")
-    for node in module_tree().body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TASK_PARAMETERS" for t in node.targets):
-            code = compile(ast.Expression(node.value), str(MODULE), "eval")
-            return eval(code, {"_SAMPLING": sampling, "set": set})
-    raise AssertionError("TASK_PARAMETERS not found")
+    assert set(taskoptions.PANEL_FIELDS) <= set(fields)
+    assert set(module_constant("OPTION_WIDGETS")) == set(taskoptions.PANEL_FIELDS)
+    assert {"task", "region", "device", "precision", "inpaintContent"} <= {
+        name for name, annotation in fields.items() if field_kind(annotation)[0] == "enum"}

@@ -1,8 +1,8 @@
-"""The worker process and its client: real subprocesses, progress lines, cancel, OOM retry.
+"""The worker process and its client: real subprocesses, progress lines, cancel, errors.
 
-The worker runs the test double ``Testing/fake_task_runner.py`` through its ``--task-runner``
-hook. TODO(lead): add a case without the hook once a tiny real model can be written in the
-test (``model=<tiny model dir>``), so the real ``run_task`` is driven end to end.
+Most cases run the test double ``Testing/fake_task_runner.py`` through the worker's
+``--task-runner`` hook; ``test_real_task_in_the_worker_with_a_tiny_model`` drives the real
+``run_task`` end to end.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 from MedDiffFMLib import worker
 from MedDiffFMLib.tasks.base import Cancelled, Progress, TaskRequest, TaskResult
 from MedDiffFMLib.volume import Volume
-from MedDiffFMLib.worker import WorkerClient, WorkerError, WorkerOutOfMemory
+from MedDiffFMLib.worker import WorkerClient, WorkerError, WorkerOutOfMemory, WorkerRunner, client as worker_client
+from MedDiffFMLib.worker import server
 
 TESTING = Path(__file__).resolve().parent
 ROOT = TESTING.parent
@@ -59,8 +60,7 @@ def test_request_and_result_files_round_trip_exactly(tmp_path):
                       mask=mask, params={"steps": 7, "strength": 0.5, "shape": (1, 2, 3)})
     worker.write_request(tmp_path, "inpaint", req, model="demo", controlnet="cn", device="cpu")
     task, back, opts = worker.read_request(tmp_path)
-    assert task == "inpaint" and opts == {"model": "demo", "controlnet": "cn", "device": "cpu",
-                                          "filter_params": False}
+    assert task == "inpaint" and opts == {"model": "demo", "controlnet": "cn", "device": "cpu"}
     assert back.region == "chest" and back.anatomy_names == {1: "liver", 2: "spleen"}
     assert back.params == {"steps": 7, "strength": 0.5, "shape": [1, 2, 3]}
     for a, b in ((img, back.image), (mask, back.mask), (lab, back.anatomy)):
@@ -76,22 +76,25 @@ def test_request_and_result_files_round_trip_exactly(tmp_path):
 
 
 def test_parse_line():
-    kind, p = worker._parse_line('MEDDIFFFM_PROGRESS {"step": 2, "total_steps": 5, "fraction": 0.4, "eta_s": 3}\n')
+    kind, p = worker.parse_line('MEDDIFFFM_PROGRESS {"step": 2, "total_steps": 5, "fraction": 0.4, "eta_s": 3}\n')
     assert kind == "progress" and isinstance(p, Progress) and p.step == 2 and p.eta_s == 3
-    assert worker._parse_line("MEDDIFFFM_LOG hello world") == ("log", "hello world")
-    assert worker._parse_line('MEDDIFFFM_ERROR {"kind": "failed", "message": "x"}')[0] == "error"
-    assert worker._parse_line("Traceback (most recent call last):") == ("text", "Traceback (most recent call last):")
-    assert worker._parse_line("MEDDIFFFM_PROGRESS {not json")[0] == "text"
+    assert worker.parse_line("MEDDIFFFM_LOG hello world") == ("log", "hello world")
+    assert worker.parse_line('MEDDIFFFM_ERROR {"kind": "failed", "message": "x"}')[0] == "error"
+    assert worker.parse_line("Traceback (most recent call last):") == ("text", "Traceback (most recent call last):")
+    assert worker.parse_line("MEDDIFFFM_PROGRESS {not json")[0] == "text"
 
 
 def test_out_of_memory_detection():
     class OutOfMemoryError(RuntimeError):
         pass
 
-    assert worker.is_out_of_memory(OutOfMemoryError("x"))
-    assert worker.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert not worker.is_out_of_memory(ValueError("out of range"))
-    assert not worker.is_out_of_memory(RuntimeError("shape mismatch"))
+    class OutOfMemory(RuntimeError):  # the library's, raised after its own retries
+        pass
+
+    assert server.is_out_of_memory(OutOfMemoryError("x")) and server.is_out_of_memory(OutOfMemory("y"))
+    assert server.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not server.is_out_of_memory(ValueError("out of range"))
+    assert not server.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_worker_runs_and_streams_progress(tmp_path):
@@ -130,33 +133,35 @@ def test_killed_worker_leaves_no_output(tmp_path):
     assert not request_dir.exists()
 
 
-def run_in_process(tmp_path, capsys, params, filter_params=False):
+def run_in_process(tmp_path, capsys, params):
     """The worker's main() in this process (fast: no interpreter start); its exit code and lines."""
-    worker.write_request(tmp_path, "denoise", TaskRequest(image=oblique(), params=params),
-                         filter_params=filter_params)
+    worker.write_request(tmp_path, "denoise", TaskRequest(image=oblique(), params=params))
     rc = worker.main(["--request", str(tmp_path), "--task-runner", RUNNER])
     return rc, capsys.readouterr().out
 
 
-def test_out_of_memory_halves_batch_then_succeeds_and_params_are_filtered(tmp_path, capsys):
-    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 8, "fake_oom_above_batch": 2,
-                                                "not_a_denoise_param": 3}, filter_params=True)
-    assert rc == worker.EXIT_OK, out
-    assert "retrying with batch size 4" in out and "retrying with batch size 2" in out
-    assert "batch_size=2" in out and "not_a_denoise_param" in out
-    assert "MEDDIFFFM_DONE" in out and (tmp_path / "out" / "result.json").is_file()
+def test_out_of_memory_is_reported_once_without_a_second_retry_loop(tmp_path, capsys, monkeypatch):
+    """run_task owns the out-of-memory retry; the worker calls it once and reports the error."""
+    import fake_task_runner
 
+    calls = []
+    real = fake_task_runner.run_task
 
-def test_out_of_memory_at_batch_one_exits_with_its_own_code(tmp_path, capsys):
-    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 2, "fake_oom_above_batch": 0})
-    assert rc == worker.EXIT_OUT_OF_MEMORY
-    kind, err = worker._parse_line(next(line for line in out.splitlines() if line.startswith("MEDDIFFFM_ERROR")))
-    assert err["kind"] == "out_of_memory" and "CPU" in err["message"]
+    def counting(*a, **k):
+        calls.append(a[1].params.get("batch_size"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(fake_task_runner, "run_task", counting)
+    rc, out = run_in_process(tmp_path, capsys, {"batch_size": 8, "fake_oom_above_batch": 2})
+    assert rc == worker.EXIT_OUT_OF_MEMORY and calls == [8], out
+    kind, err = worker.parse_line(next(line for line in out.splitlines() if line.startswith("MEDDIFFFM_ERROR")))
+    assert err["kind"] == "out_of_memory" and "CPU" in err["message"] and "Tried to allocate" in err["message"]
+    assert "retrying" not in out
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
 def test_library_out_of_memory_is_final(tmp_path, capsys, monkeypatch):
-    """run_task already retried down to batch 1 and raised its OutOfMemory: no second retry loop."""
+    """run_task already retried down to batch 1 and raised its OutOfMemory."""
     import fake_task_runner
 
     class OutOfMemory(RuntimeError):
@@ -207,9 +212,12 @@ def test_client_maps_exit_codes_to_exceptions(tmp_path, rc, error, expected):
     assert not c.request_dir.exists()
 
 
-def test_bad_request_exit_code(tmp_path):
+def test_bad_request_exit_code(tmp_path, capsys):
     (tmp_path / "request.json").write_text("{not json", encoding="utf-8")
     assert worker.main(["--request", str(tmp_path)]) == worker.EXIT_BAD_REQUEST
+    worker.write_request(tmp_path, "sharpen", TaskRequest(image=oblique()))
+    assert worker.main(["--request", str(tmp_path), "--task-runner", RUNNER]) == worker.EXIT_BAD_REQUEST
+    assert "unknown task 'sharpen'" in capsys.readouterr().out
 
 
 def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):
@@ -225,10 +233,11 @@ def test_cancel_kills_the_process_tree_and_leaves_nothing(tmp_path):
             ev.set()  # cancel once the grandchild is running
 
     with pytest.raises(Cancelled):
-        worker.run_in_worker("denoise", TaskRequest(image=oblique(), params={"steps": 200, "fake_sleep": 0.2,
-                                                                              "fake_spawn_child": True}),
-                             progress=on_progress, cancel=ev, log_callback=logs.append,
-                             pythonpath=[str(ROOT), str(TESTING)], work_root=tmp_path, task_runner=RUNNER)
+        runner = WorkerRunner(on_log=logs.append, pythonpath=[str(ROOT), str(TESTING)], work_root=tmp_path,
+                              task_runner=RUNNER)
+        runner("denoise", TaskRequest(image=oblique(), params={"steps": 200, "fake_sleep": 0.2,
+                                                               "fake_spawn_child": True}),
+               progress=on_progress, cancel=ev)
     assert seen
     pids = [int(re.search(r"(?:child pid|worker pid) (\d+)", line).group(1))
             for line in logs if re.search(r"(?:child pid|worker pid) \d+", line)]
@@ -256,15 +265,32 @@ def test_real_task_in_the_worker_with_a_tiny_model(tmp_path, tiny_model_dir):
     assert progress and not any(tmp_path.iterdir())
 
 
-def test_parent_watch_and_info_protocol():
+def test_parent_watch():
     import subprocess
 
-    assert worker._process_alive(os.getpid())
+    assert server.process_alive(os.getpid())
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    assert not worker._process_alive(p.pid)
-    # the Slicer module parses the --info line itself (it does not import the worker)
-    module = (ROOT / "MedDiffFM" / "MedDiffFM.py").read_text(encoding="utf-8")
-    assert f'"{worker.INFO_PREFIX} "' in module and '"--info"' in module
-    kind, payload = worker._parse_line(worker.INFO_PREFIX + ' {"torch": "2.3.0", "device": "cpu"}')
-    assert kind == "info" and payload["torch"] == "2.3.0"
+    assert not server.process_alive(p.pid)
+
+
+def test_environment_query_in_a_worker_interpreter(monkeypatch):
+    """--info in a child interpreter; the child gets no console window on Windows."""
+    info = worker.query_environment(pythonpath=[str(ROOT)], device="cpu", timeout=120)
+    import torch
+
+    assert info["torch"] == torch.__version__ and info["device"] == "cpu", info
+    assert worker.popen_kwargs("nt")["creationflags"] & 0x08000000  # CREATE_NO_WINDOW
+    assert worker.popen_kwargs("posix") == {"start_new_session": True}
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs)
+        return subprocess.CompletedProcess(cmd, 0, worker.INFO_PREFIX + ' {"torch": "2.3.0", "device": "cpu"}\n', "")
+
+    import subprocess
+
+    monkeypatch.setattr(worker_client, "popen_kwargs", lambda: {"creationflags": 0x08000000})
+    monkeypatch.setattr(worker_client.subprocess, "run", fake_run)
+    assert worker.query_environment(device="cpu")["torch"] == "2.3.0"
+    assert seen["creationflags"] == 0x08000000 and seen["stdin"] is subprocess.DEVNULL

@@ -38,6 +38,8 @@ def _logic_name(logic) -> str:
 def create_scene() -> HeadlessScene:
     """A new MRML scene with the module logics MedDiffFM's node code relies on."""
     scene = slicer.vtkMRMLScene()
+    # The application registers the Colors module's MRML classes when it loads the module.
+    scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
     app_logic.GetColorLogic().SetMRMLScene(scene)

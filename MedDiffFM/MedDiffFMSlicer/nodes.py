@@ -1,4 +1,4 @@
-"""MRML nodes <-> MedDiffFMLib: everything the module does to the scene, without Qt.
+"""MRML nodes -> MedDiffFMLib requests, and the one run path (nodes in, task, nodes out).
 
 Needs only MRML (the Slicer application or the ``slicer-core`` wheel), VTK and the library, so
 it is tested outside Slicer against a real MRML scene. It never uses ``slicer.app``,
@@ -8,16 +8,19 @@ Rules kept here:
 
 * the input volume node is only read (its voxels are copied; nothing is written to it);
 * a mask or anatomy segmentation is resampled onto the input volume's voxel grid (parent
-  transforms of both nodes are taken into account);
-* result volumes keep the input's geometry (super-resolution: the new grid), get the input's
-  parent transform and are placed beside the input in the subject hierarchy (its study);
-* nothing is created when the task fails or is cancelled; on an error while adding nodes,
-  those already added are removed again.
+  transforms of both nodes are taken into account); a segmentation stored only as closed
+  surfaces gets its binary-labelmap representation first, as Slicer's own export does;
+* bad input (unknown task, missing mask, a parameter out of range) is refused with one line
+  before any work; results go to the scene through :mod:`.outputs`.
+
+The run path: :func:`prepare_request` -> a runner with ``run_task``'s signature -> 
+:func:`.outputs.result_to_nodes`. :func:`process` does the three in a row (blocking; the module
+passes :class:`MedDiffFMLib.worker.WorkerRunner`, tests and batch scripts may pass
+``run_task`` itself); :class:`.run.Job` does the same three steps polled from a GUI timer.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -29,28 +32,13 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkCommonDataModel import vtkImageData
 
 from MedDiffFMLib.tasks.base import TaskRequest, TaskResult
+from MedDiffFMLib.tasks.registry import check_params, task_spec
 from MedDiffFMLib.volume import Volume
 
-TASKS = ("denoise", "anomaly", "synthesize", "superres", "lesion", "inpaint")
 REGIONS = ("auto", "head_neck", "chest", "abdomen")
 
-# The output each task's "output volume" / "output segmentation" selector refers to.
-PRIMARY_VOLUME = {"denoise": "denoised", "anomaly": "anomaly_map", "synthesize": "synthetic",
-                  "superres": "superres", "lesion": "lesion", "inpaint": "inpainted"}
-PRIMARY_SEGMENTATION = {"anomaly": "anomaly", "lesion": "lesion", "inpaint": "inpainted_region"}
-# Tasks that need a mask segment (every task accepts an optional anatomy segmentation).
-MASK_TASKS = ("lesion", "inpaint")
-
-OUTPUT_LABELS = {"denoised": "denoised", "anomaly_map": "anomaly map", "reconstruction": "anomaly reconstruction",
-                 "synthetic": "synthetic", "superres": "super-resolution", "lesion": "lesion",
-                 "inpainted": "inpainted", "anomaly": "anomaly", "inpainted_region": "inpainted region"}
-SEGMENT_COLORS = {"anomaly": (1.0, 0.15, 0.1), "lesion": (0.95, 0.75, 0.1), "inpainted_region": (0.3, 0.8, 0.3)}
-# Colour maps for the anomaly map, best first (the file-based ones exist in the Slicer application).
-HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                       "vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeIron")
-ATTRIBUTE_PREFIX = "MedDiffFM."
-
 Runner = Callable[..., TaskResult]
+BINARY_LABELMAP = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +69,7 @@ def _image_to_array(image: vtkImageData) -> np.ndarray:
     return numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1]).copy()
 
 
-def _array_to_image(array: np.ndarray) -> vtkImageData:
+def array_to_image(array: np.ndarray) -> vtkImageData:
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -119,6 +107,14 @@ def _reference_extent_dims(reference_volume_node) -> tuple[int, int, int]:
 def _merged_labelmap(segmentation_node, segment_ids: list[str], reference_volume_node,
                      label_values: Optional[list[int]] = None) -> np.ndarray:
     """Segments -> (k, j, i) label array on the reference volume's voxel grid."""
+    # The merge reads binary labelmaps only: a segmentation drawn or imported as closed surfaces
+    # would give an empty mask. Convert first, as vtkSlicerSegmentationsModuleLogic::
+    # ExportSegmentsToLabelmapNode does (this adds a derived representation; the source
+    # representation and the segments stay as they are).
+    if not segmentation_node.GetSegmentation().ContainsRepresentation(BINARY_LABELMAP):
+        if not segmentation_node.GetSegmentation().CreateRepresentation(BINARY_LABELMAP):
+            raise ValueError(f"{segmentation_node.GetName()}: its segments cannot be converted to a binary "
+                             "labelmap")
     ids = vtkStringArray()
     for sid in segment_ids:
         ids.InsertNextValue(sid)
@@ -218,205 +214,29 @@ def build_request(input_volume_node, *, params: Optional[Mapping[str, Any]] = No
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
+# The run path
 
 
-def update_volume_node(volume_node, volume: Volume) -> None:
-    """Replace a volume node's voxels and geometry (float32 images, uint8 masks)."""
-    array = np.asarray(volume.array)
-    if array.dtype != bool and array.dtype.kind == "f" and array.dtype != np.float32:
-        array = array.astype(np.float32)
-    volume_node.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
-    volume_node.SetAndObserveImageData(_array_to_image(array))
-    volume_node.Modified()
+def prepare_request(input_volume_node, task: str, *, params: Optional[Mapping[str, Any]] = None,
+                    region: Optional[str] = None, anatomy_segmentation=None, mask_segmentation=None,
+                    mask_segment_id: Optional[str] = None) -> TaskRequest:
+    """Check everything the task needs (one-line ValueError before any work), then read the nodes.
 
-
-def _unique_name(scene, name: str) -> str:
-    return scene.GenerateUniqueName(name) if scene.GetFirstNodeByName(name) is not None else name
-
-
-def new_volume_node(scene, volume: Volume, name: str):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", _unique_name(scene, name))
-    update_volume_node(node, volume)
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def _copy_window_level(source_node, target_node) -> None:
-    src, dst = source_node.GetDisplayNode(), target_node.GetDisplayNode()
-    if src is None or dst is None:
-        return
-    dst.SetAutoWindowLevel(False)
-    dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
-    if src.GetColorNodeID():
-        dst.SetAndObserveColorNodeID(src.GetColorNodeID())
-
-
-def heat_color_node_id(scene) -> Optional[str]:
-    for node_id in HEAT_COLOR_NODE_IDS:
-        if scene.GetNodeByID(node_id) is not None:
-            return node_id
-    return None
-
-
-def show_as_heat_map(volume_node) -> None:
-    """Anomaly map display: a heat colour map from 0 to the 99.5th percentile."""
-    display = volume_node.GetDisplayNode()
-    if display is None:
-        volume_node.CreateDefaultDisplayNodes()
-        display = volume_node.GetDisplayNode()
-    color_id = heat_color_node_id(volume_node.GetScene())
-    if color_id is not None:
-        display.SetAndObserveColorNodeID(color_id)
-    values = _image_to_array(volume_node.GetImageData()).ravel()
-    values = values[:: max(1, values.size // 2_000_000)]  # a percentile needs no more samples
-    top = float(np.percentile(values, 99.5)) if values.size else 1.0
-    low = float(min(0.0, values.min())) if values.size else 0.0
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(low, max(top, low + 1e-6))
-
-
-def subject_hierarchy_parent(node) -> int:
-    """The subject hierarchy folder (normally the study) holding ``node``; the scene if none."""
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
-    item = sh.GetItemByDataNode(node)
-    if item:
-        parent = sh.GetItemParent(item)
-        if parent:
-            return parent
-    return sh.GetSceneItemID()
-
-
-def place_beside(node, reference_node) -> int:
-    """Put ``node`` in the same subject hierarchy folder (study) as ``reference_node``."""
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
-    parent = subject_hierarchy_parent(reference_node)
-    item = sh.GetItemByDataNode(node)
-    if not item:  # without the application's plugins, items are not made automatically
-        item = sh.CreateItem(parent, node)
-    else:
-        sh.SetItemParent(item, parent)
-    return item
-
-
-def new_segmentation_node(scene, masks: Mapping[str, Volume], name: str, reference_volume_node=None):
-    """A segmentation node with one segment per mask (binary labelmaps on the masks' grids)."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", _unique_name(scene, name))
-    node.CreateDefaultDisplayNodes()
-    fill_segmentation_node(node, masks, reference_volume_node)
-    return node
-
-
-def fill_segmentation_node(node, masks: Mapping[str, Volume], reference_volume_node=None) -> None:
-    """Replace a segmentation node's segments by ``masks``."""
-    if reference_volume_node is not None:
-        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
-    segmentation = node.GetSegmentation()
-    segmentation.RemoveAllSegments()
-    for seg_name, mask in masks.items():
-        image = slicer.vtkOrientedImageData()
-        image.ShallowCopy(_array_to_image(np.asarray(mask.array) > 0))
-        image.SetImageToWorldMatrix(numpy_to_matrix(mask.ijk_to_ras))
-        color = SEGMENT_COLORS.get(seg_name, (0.2, 0.6, 1.0))
-        sid = node.AddSegmentFromBinaryLabelmapRepresentation(image, OUTPUT_LABELS.get(seg_name, seg_name), color)
-        if not sid:
-            raise RuntimeError(f"could not add segment {seg_name!r}")
-
-
-def output_name(input_node, task: str, key: str) -> str:
-    label = OUTPUT_LABELS.get(key, f"{task} {key.replace('_', ' ')}")
-    return f"{input_node.GetName()} {label}"
-
-
-def _tag(node, task: str, result: TaskResult, params: Mapping[str, Any], key: str) -> None:
-    node.SetAttribute(ATTRIBUTE_PREFIX + "task", task)
-    node.SetAttribute(ATTRIBUTE_PREFIX + "output", key)
-    node.SetAttribute(ATTRIBUTE_PREFIX + "parameters", json.dumps(params, sort_keys=True, default=str))
-    if result.summary:
-        node.SetAttribute(ATTRIBUTE_PREFIX + "summary", result.summary)
-    for name, value in (result.scores or {}).items():
-        node.SetAttribute(ATTRIBUTE_PREFIX + "score." + name, repr(float(value)))
-
-
-def result_to_nodes(result: TaskResult, input_volume_node, task: str, *, params: Optional[Mapping[str, Any]] = None,
-                    output_volume=None, output_segmentation=None) -> dict[str, Any]:
-    """Add a TaskResult to the scene, next to the input. Returns {output name: node}.
-
-    ``output_volume`` / ``output_segmentation``: existing nodes to overwrite with the task's
-    primary outputs (see :data:`PRIMARY_VOLUME`, :data:`PRIMARY_SEGMENTATION`); None makes new
-    nodes named after the input and the output. Never writes into the input node. Segmentation
-    nodes are returned under ``"<name>_segmentation"`` (e.g. ``"anomaly_segmentation"``).
+    ``params`` are checked against the task registry but passed on as given (the task fills in
+    its own defaults), so a typo is reported here and not minutes later.
     """
-    scene = input_volume_node.GetScene()
-    params = dict(params or {})
-    for node in (output_volume, output_segmentation):
-        if node is not None and node is input_volume_node:
-            raise ValueError("the output must not be the input volume; choose 'Create new' or another node")
-    transform_id = input_volume_node.GetTransformNodeID()
-    created: list = []
-    nodes: dict[str, Any] = {}
-    deferred: list[Callable[[], None]] = []
-    try:
-        for key, vol in result.volumes.items():
-            if output_volume is not None and key == PRIMARY_VOLUME.get(task):
-                node = output_volume
-                deferred.append(lambda n=node, v=vol: update_volume_node(n, v))
-                if node.GetDisplayNode() is None:
-                    node.CreateDefaultDisplayNodes()
-            else:
-                node = new_volume_node(scene, vol, output_name(input_volume_node, task, key))
-                created.append(node)
-            nodes[key] = node
-        for key, mask in result.segmentations.items():
-            if output_segmentation is not None and key == PRIMARY_SEGMENTATION.get(task):
-                node = output_segmentation
-                deferred.append(lambda n=node, m={key: mask}: fill_segmentation_node(n, m, input_volume_node))
-            else:
-                node = new_segmentation_node(scene, {key: mask},
-                                             output_name(input_volume_node, task, key) + " segmentation",
-                                             input_volume_node)
-                created.append(node)
-            nodes[key + "_segmentation"] = node
-        for update in deferred:  # existing nodes change last, once everything else worked
-            update()
-        for key, node in nodes.items():
-            node.SetAndObserveTransformNodeID(transform_id)
-            if node.IsA("vtkMRMLScalarVolumeNode"):
-                if key == "anomaly_map":
-                    show_as_heat_map(node)
-                else:
-                    _copy_window_level(input_volume_node, node)
-            _tag(node, task, result, params, key)
-            place_beside(node, input_volume_node)
-    except BaseException:
-        for node in created:
-            remove_node(node)
-        raise
-    return nodes
-
-
-def remove_node(node) -> None:
-    """Remove a node with its display and storage nodes and its subject hierarchy item (the
-    Slicer application does the last two itself; a headless scene does not)."""
-    scene = node.GetScene()
-    if scene is None:
-        return
-    extras = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())] \
-        if hasattr(node, "GetNumberOfDisplayNodes") else []
-    if hasattr(node, "GetStorageNode"):
-        extras.append(node.GetStorageNode())
-    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    item = sh.GetItemByDataNode(node) if sh is not None else 0
-    if item:
-        sh.RemoveItem(item, False, False)
-    scene.RemoveNode(node)
-    for extra in extras:
-        if extra is not None and extra.GetScene() is not None:
-            scene.RemoveNode(extra)
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole round trip
+    spec = task_spec(task)
+    if input_volume_node is None:
+        raise ValueError("select an input volume")
+    if spec.needs_mask and mask_segmentation is None:
+        raise ValueError(f"the {task} task needs a mask: select a segmentation and segment (draw one first)")
+    if region not in (None, *REGIONS):
+        raise ValueError(f"unknown region {region!r}; choose one of {', '.join(REGIONS)}")
+    check_params(task, dict(params or {}))
+    return build_request(input_volume_node, params=params, region=region,
+                         anatomy_segmentation=anatomy_segmentation if spec.accepts_anatomy else None,
+                         mask_segmentation=mask_segmentation if spec.needs_mask else None,
+                         mask_segment_id=mask_segment_id)
 
 
 def default_runner() -> Runner:
@@ -431,16 +251,17 @@ def process(input_volume_node, task: str = "denoise", *, runner: Optional[Runner
             mask_segmentation=None, mask_segment_id: Optional[str] = None, model=None, controlnet=None,
             device: str = "auto", progress=None, cancel=None, output_volume=None, output_segmentation=None
             ) -> dict[str, Any]:
-    """Nodes in, task, nodes out. ``runner`` has :func:`MedDiffFMLib.tasks.run_task`'s signature
-    (the Slicer module passes a worker-process runner). Nothing is added to the scene when the
-    runner raises (including ``Cancelled``)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task in MASK_TASKS and mask_segmentation is None:
-        raise ValueError(f"the {task} task needs a mask: select a segmentation and segment (draw one first)")
-    request = build_request(input_volume_node, params=params, region=region,
-                            anatomy_segmentation=anatomy_segmentation, mask_segmentation=mask_segmentation,
-                            mask_segment_id=mask_segment_id)
+    """Nodes in, task, nodes out; returns {output name: node} (see :func:`.outputs.result_to_nodes`).
+
+    ``runner`` has :func:`MedDiffFMLib.tasks.run_task`'s signature: the Slicer module passes a
+    :class:`MedDiffFMLib.worker.WorkerRunner` (the task runs in a worker process); None runs
+    ``run_task`` in this process. Nothing is added to the scene when the runner raises
+    (including ``Cancelled``)."""
+    from .outputs import result_to_nodes
+
+    request = prepare_request(input_volume_node, task, params=params, region=region,
+                              anatomy_segmentation=anatomy_segmentation, mask_segmentation=mask_segmentation,
+                              mask_segment_id=mask_segment_id)
     run = runner or default_runner()
     result = run(task, request, model, controlnet=controlnet, device=device, progress=progress, cancel=cancel)
     return result_to_nodes(result, input_volume_node, task, params=request.params, output_volume=output_volume,

@@ -128,7 +128,7 @@ def _grid_reference(request, params: dict, model_cfg: dict) -> tuple[tuple, tupl
     if ref is not None:
         return ref.shape, tuple(float(s) for s in ref.spacing_kji)
     shape = params.get("shape") or (model_cfg["window"],) * 3
-    spacing = params.get("spacing") or (model_cfg.get("spacing_mm", 1.0),) * 3
+    spacing = params.get("spacing") or (1.0,) * 3
     return tuple(shape), tuple(spacing)
 
 
@@ -187,8 +187,8 @@ def run_task_command(args, spec: TaskSpec) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     device = check_device(args.device)
     shape, spacing = _grid_reference(request, params, model_cfg)
-    fixed_grid = model_cfg.get("spacing_mm")  # a fixed-grid model resamples every input to its spacing
-    voxels = preflight.grid_voxels(spec.name, shape, spacing, fixed_grid, params)
+    # the model runs on the input's own grid (it is conditioned on voxel size)
+    voxels = preflight.grid_voxels(spec.name, shape, spacing, None, params)
     preflight.check_memory(voxels, device, args.max_memory_gb)
 
     # 3. the run

@@ -19,6 +19,8 @@ DATA_OPTIONS = {
     "phantom_seed": ParamSpec(int, 0, "first phantom seed", minimum=0, maximum=2**31 - 1),
     "phantom_fov": ParamSpec(float, (192.0, 256.0, 256.0), "phantom field of view (k, j, i)", minimum=16.0,
                              maximum=2000.0, length=3, unit="mm"),
+    "phantom_max_voxels": ParamSpec(int, 4_000_000, "phantoms: at most this many voxels per case (the slab along "
+                                                    "k is shortened)", minimum=4096, maximum=512 * 1024 * 1024),
     "phantom_noise": ParamSpec(float, 0.0, "CT noise in training phantoms (0: learn clean anatomy)", minimum=0.0,
                                maximum=500.0, unit="HU"),
 }
@@ -40,12 +42,11 @@ RUN_OPTIONS = {
 }
 MODEL_OPTIONS = {
     "window": ParamSpec(int, None, "override the preset's window edge (voxels)", minimum=8, maximum=512),
-    "spacing": ParamSpec(float, None, "override the preset's isotropic spacing", minimum=0.05, maximum=20.0,
-                         unit="mm"),
+    "spacing_range": ParamSpec(float, None, "override the voxel sizes the model is trained for (the condition is "
+                                            "clamped to them), min and max", minimum=0.05, maximum=20.0, length=2,
+                               unit="mm"),
 }
 FINETUNE_OPTIONS = {
-    "factor": ParamSpec(int, (4, 1, 1), "superres: thick-slice simulation factor per axis (k, j, i)", minimum=1,
-                        maximum=8, length=3),
     "lesions": ParamSpec(int, 3, "lesion: lesions per training phantom", minimum=1, maximum=50),
 }
 
@@ -75,6 +76,8 @@ def add_commands(sub) -> None:
     model.add_argument("--preset", default="small", choices=("base", "small", "tiny"),
                        help="network size: base (the paper's, 128^3 windows at 1 mm), small (CPU demo), tiny (tests)")
     add_spec_options(model, MODEL_OPTIONS)
+    model.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                       help="start from an earlier model's weights where they fit (new input channels start at 0)")
     model.add_argument("--channels", type=int, nargs="+", default=None, help="override the channels per level")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -84,6 +87,8 @@ def add_commands(sub) -> None:
                                    "convolutions; the base stays frozen. Same machinery as train (EMA, resume, DDP).")
     p.add_argument("--base", default=None, help="base model directory or registry id (default: the bundled demo)")
     p.add_argument("--task", required=True, choices=("superres", "lesion"), help="which ControlNet")
+    p.add_argument("--factors", nargs="+", default=(2, 3, 4, 5, 6), metavar="F",
+                   help="superres: slab factors along k drawn per sample, 2 to 6 (default 2 3 4 5 6)")
     add_spec_options(p, FINETUNE_OPTIONS)
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
@@ -127,8 +132,11 @@ def _model_config(args):
     overrides = {}
     if args.window:
         overrides["window"] = args.window
-    if args.spacing:
-        overrides["spacing_mm"] = args.spacing
+    if args.spacing_range:
+        lo, hi = args.spacing_range
+        if lo > hi:
+            raise UsageError(f"--spacing-range must be MIN_MM MAX_MM with MIN_MM <= MAX_MM, got {lo:g} {hi:g}")
+        overrides["spacing_range_mm"] = tuple(args.spacing_range)
     if args.channels:
         if min(args.channels) < 1:
             raise UsageError(f"--channels must be positive whole numbers, got {args.channels}")
@@ -148,10 +156,21 @@ def cmd_train(args) -> int:
         from ..networks import ModelConfig
 
         cfg = ModelConfig.from_dict(network_config(read_config(Path(args.out) / "model")))
+    if args.init_from and not (Path(args.init_from) / "model.safetensors").is_file():
+        raise UsageError(f"--init-from {args.init_from!r} is not a model folder (no model.safetensors)")
     cases = _image_cases(args, cfg)
     if not cases:
         raise UsageError("no training data: give --data and/or --phantoms N")
-    return _train(Trainer(cases, args.out, _train_options(args), cfg, device=args.device), args, "train")
+    trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device)
+    if args.init_from and not args.resume:
+        from safetensors.torch import load_file
+
+        from ..training import warm_start
+
+        fresh = warm_start(trainer.model, load_file(str(Path(args.init_from) / "model.safetensors")))
+        trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
+        print(f"initialised from {args.init_from} ({len(fresh)} tensors kept fresh)")
+    return _train(trainer, args, "train")
 
 
 def _train(trainer, args, what: str) -> int:
@@ -166,7 +185,7 @@ def _train(trainer, args, what: str) -> int:
     return 0
 
 
-def _image_cases(args, cfg) -> list:
+def _image_cases(args, cfg, thin_slices: bool = False) -> list:
     """Cases from --data and/or --phantoms (image-only training data)."""
     from ..training import manifest_cases, phantom_cases
 
@@ -175,14 +194,17 @@ def _image_cases(args, cfg) -> list:
         cases += manifest_cases(args.data, cfg, args.region)
     if args.phantoms:
         cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
-                               noise_hu=args.phantom_noise)
+                               noise_hu=args.phantom_noise, max_voxels=args.phantom_max_voxels,
+                               thin_slices=thin_slices)
     return cases
 
 
 def cmd_finetune(args) -> int:
     _values(args, DATA_OPTIONS, RUN_OPTIONS, FINETUNE_OPTIONS)
+    factors = _factors(args.factors) if args.task == "superres" else ()
     _check_out(args)
     from ..checkpoint import load_base, sha256_file
+    from ..conditions import CONTROL_CHANNELS
     from ..finetune import lesion_phantom_cases, superres_cases
     from ..networks import ControlNetConfig
     from ..tasks.common import resolve_model_dir
@@ -193,25 +215,34 @@ def cmd_finetune(args) -> int:
     cfg = base.cfg
     params = {}
     if args.task == "superres":
-        factor = tuple(args.factor)
-        params["factor"] = list(factor)
-        cases = superres_cases(_image_cases(args, cfg), factor)
-        channels = 1
+        params["factors"] = list(factors)
+        cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors)
     else:
         cases = []
         if args.data:
             cases += _lesion_manifest(args.data, cfg, args.region)
         if args.phantoms:
             cases += lesion_phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, lesions=args.lesions,
-                                          fov_mm=args.phantom_fov)
-        channels = 2
+                                          fov_mm=args.phantom_fov, max_voxels=args.phantom_max_voxels)
     if not cases:
         raise UsageError("no training data: give --data and/or --phantoms N")
-    cn_cfg = ControlNetConfig(task=args.task, control_channels=channels, base=cfg,
+    cn_cfg = ControlNetConfig(task=args.task, control_channels=CONTROL_CHANNELS[args.task], base=cfg,
                               base_sha256=sha256_file(base_dir / "model.safetensors"), params=params)
     trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device, base=base,
                       controlnet_cfg=cn_cfg)
     return _train(trainer, args, f"finetune ({args.task})")
+
+
+def _factors(text) -> tuple[int, ...]:
+    """``--factors``: whole numbers 2 to 6 (given as several values or one text)."""
+    items = text.split() if isinstance(text, str) else list(text)
+    try:
+        factors = tuple(int(f) for f in items)
+    except ValueError:
+        raise UsageError(f"--factors must be whole numbers 2 to 6, got {text!r}") from None
+    if not factors or any(f < 2 or f > 6 for f in factors):
+        raise UsageError(f"--factors must be whole numbers 2 to 6, got {text!r}")
+    return factors
 
 
 def _lesion_manifest(manifest, cfg, region):

@@ -1,9 +1,15 @@
 """The six user tasks behind one entry point, :func:`run_task`.
 
-Each task module has ``PARAMS`` (name -> ParamSpec) and ``run(request, params, predictor,
-device, progress, cancel) -> TaskResult``. ``run_task`` validates, loads (and caches) the
-model, keeps the input untouched, retries on GPU out-of-memory with smaller batches, and turns
-a cancel into :class:`Cancelled` with nothing returned.
+Every task follows one skeleton, in its own module:
+
+* ``prepare(request, params, models) -> plan``: every check (inputs, masks, grids, memory),
+  the region and the conditions, in numpy, before any weights are loaded or any sampling;
+* ``run(plan, sampler, progress, cancel) -> TaskResult``: the chain (see ``sampling``) and
+  the finish: back to the output grid, scores.
+
+Tasks run on the input's own grid (the model is conditioned on voxel size), so what a task
+does not mean to change comes back bit for bit. The task facts (parameters, bounds,
+outputs) are in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -13,52 +19,19 @@ import logging
 import os
 from typing import Optional
 
-import numpy as np
-
 # torch is imported where it is needed, so that the Slicer module and the worker can read
-# task parameters (and start) without paying for torch and MONAI.
-from .base import (TASKS, Cancelled, ParamSpec, Progress, TaskRequest, TaskResult, as_cancel_flag,
-                   check_params)
+# task facts (and start) without paying for torch and MONAI.
+from .base import Cancelled, Progress, TaskRequest, TaskResult, as_cancel_flag
+from .registry import TASKS as TASK_SPECS
+from .registry import ParamSpec, check_params, task_spec
 
-__all__ = ["TASKS", "TASK_PARAMS", "run_task", "TaskRequest", "TaskResult", "Progress", "Cancelled", "ParamSpec"]
+__all__ = ["TASKS", "TASK_SPECS", "TASK_PARAMS", "run_task", "TaskRequest", "TaskResult", "Progress", "Cancelled",
+           "ParamSpec", "OutOfMemory"]
 
 log = logging.getLogger(__name__)
 
-# task -> (module, ControlNet task it needs or None)
-_MODULES = {
-    "denoise": ("denoise", None),
-    "anomaly": ("anomaly", None),
-    "synthesize": ("synthesize", None),
-    "superres": ("superres", "superres"),
-    "lesion": ("lesion", "lesion"),
-    "inpaint": ("inpaint", "lesion"),
-}
-
-
-def _module(task: str):
-    if task not in _MODULES:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return importlib.import_module(f".{_MODULES[task][0]}", __name__)
-
-
-class _Params(dict):
-    """Lazy ``task -> PARAMS`` so importing the package stays light."""
-
-    def __missing__(self, task):
-        self[task] = _module(task).PARAMS
-        return self[task]
-
-    def __iter__(self):
-        return iter(TASKS)
-
-    def keys(self):
-        return list(TASKS)
-
-    def items(self):
-        return [(t, self[t]) for t in TASKS]
-
-
-TASK_PARAMS: dict[str, dict[str, ParamSpec]] = _Params()
+TASKS: tuple[str, ...] = tuple(TASK_SPECS)
+TASK_PARAMS: dict[str, dict[str, ParamSpec]] = {name: dict(spec.params) for name, spec in TASK_SPECS.items()}
 
 
 class OutOfMemory(RuntimeError):
@@ -72,7 +45,7 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
 
     Args:
         task: "denoise", "anomaly", "synthesize", "superres", "lesion" or "inpaint".
-        request: inputs and ``params`` (see ``TASK_PARAMS[task]``).
+        request: inputs and ``params`` (see ``TASK_SPECS[task].params``).
         model: foundation model directory or registry id (None: the default demo weights).
         controlnet: ControlNet directory or registry id for superres / lesion / inpaint
             (None: the default for that task).
@@ -85,33 +58,30 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
 
     Raises:
         Cancelled: when cancelled; nothing is returned or written.
-        ValueError: bad input, with a message for the user.
+        ValueError: bad input, with a one-line message for the user, before any sampling.
     """
     import torch
 
-    from .common import load_predictor, resolve_device, resolve_model_dir
+    from .common import Models, load_predictor, resolve_device, sampler_for
 
     from ..preflight import check_request
 
-    mod = _module(task)
+    spec = task_spec(task)
     check_request(task, request)  # types and values before the inputs are locked or any work
-    params = check_params(task, request.params, mod.PARAMS)
+    params = check_params(task, request.params)
+    mod = importlib.import_module(f".{spec.module}", __name__)
     dev = resolve_device(device)
-    model_dir = resolve_model_dir(model, kind="base")
-    cn_task = _MODULES[task][1]
-    cn_dir = resolve_model_dir(controlnet, kind="controlnet", task=cn_task) if cn_task else None
-    predictor = load_predictor(model_dir, cn_dir, dev)
-    if cn_task is not None and predictor.controlnet.cfg.task != cn_task:
-        raise ValueError(f"the ControlNet in {cn_dir} was trained for {predictor.controlnet.cfg.task!r}; "
-                         f"task {task!r} needs a {cn_task!r} ControlNet")
+    models = Models.resolve(spec, model, controlnet)
+    plan = mod.prepare(request, params, models)
+    predictor = load_predictor(models, dev)
     cancel_flag = as_cancel_flag(cancel)
     guard = _InputGuard(request)
-    batch = int(params.get("batch_size", 4))
-    try:  # the inputs stay locked through every out-of-memory retry
+    batch = params["batch_size"]
+    try:
         while True:
             try:
-                result = mod.run(request, {**params, "batch_size": batch}, predictor, dev, progress, cancel_flag)
-                break
+                return mod.run(plan, sampler_for(predictor, {**params, "batch_size": batch}, dev), progress,
+                               cancel_flag)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if batch <= 1:
@@ -120,23 +90,22 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
                 batch = max(1, batch // 2)
                 log.warning("GPU out of memory: retrying with batch_size=%d", batch)
     finally:
-        guard.check()
-    return result
+        guard.release()
 
 
 class _InputGuard:
-    """Fails loudly if a task ever writes into its inputs (they belong to the caller)."""
+    """Makes the caller's input arrays read-only for the whole task, every retry included,
+    so that a task can never write into them; restores them afterwards."""
 
     def __init__(self, request: TaskRequest):
-        self.items = []
+        self.arrays = []
         for v in (request.image, request.anatomy, request.mask):
-            if v is not None:
-                arr = np.asarray(v.array)
-                if arr.flags.writeable and isinstance(v.array, np.ndarray):
-                    v.array.flags.writeable = False
-                    self.items.append(v)
+            arr = getattr(v, "array", None)
+            if arr is not None and hasattr(arr, "flags") and arr.flags.writeable:
+                arr.flags.writeable = False
+                self.arrays.append(arr)
 
-    def check(self) -> None:
-        for v in self.items:
-            v.array.flags.writeable = True
-        self.items = []
+    def release(self) -> None:
+        for arr in self.arrays:
+            arr.flags.writeable = True
+        self.arrays = []

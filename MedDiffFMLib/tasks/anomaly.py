@@ -1,40 +1,33 @@
 """Zero-shot anomaly detection by partial diffusion (AnoDDPM-style, as in MedDiff-FM).
 
-The image is diffused forward to a large t, where lesion-scale detail is drowned in noise,
-then reconstructed by the foundation model, which has only seen (mostly) healthy anatomy.
-What the reconstruction does not reproduce is anomalous.
+The image is diffused forward to a large t (default 950 of 1000), where lesion-scale
+detail is drowned in noise, and reconstructed by the foundation model, which has only seen
+(mostly) healthy anatomy; what the reconstruction does not reproduce is anomalous.
 
-The anomaly map is the smoothed absolute difference, expressed as a robust z-score *per
-tissue group*: within each anatomy group (liver, lung, gut, ...; the whole body when no
-anatomy is given) the median difference is subtracted and the result divided by the scaled
-median absolute deviation. Tissues whose content is inherently unpredictable (bowel gas,
-enhancing vessels) then stop dominating the map; on held-out phantoms this raised the voxel
-AUROC markedly (e.g. head-and-neck 0.69 -> 0.90). The volume score is a high quantile of the
-map, and the mask is the map above a z threshold (default 4).
+Reconstructing from t = 950 needs context wider than a window, so it runs coarse to fine:
+the whole volume resized to one window is reconstructed first (the voxel-size condition
+tells the model how coarse), then refined on the input's own grid from ``refine_fraction``
+of T, so the map has the input's resolution.
+
+The anomaly map is the smoothed absolute difference as a robust z-score *per tissue group*
+(the whole body when no anatomy is given): tissues whose content is inherently unpredictable
+(bowel gas, enhancing vessels) then stop dominating the map. The volume score is a high
+quantile of the map in the body; the mask is the map above a z threshold.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .. import preprocessing
-from ..sampling import Condition, split_progress
 from ..volume import Volume
-from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult
-from .common import (anatomy_on_grid, back_to_input_grid, region_index, require_image, resolve_region,
-                     sampler_for, to_model_grid)
-
-PARAMS = {
-    **COMMON_PARAMS,
-    "noise_fraction": ParamSpec(float, 0.95, "diffuse to this fraction of T before reconstructing "
-                                              "(the paper: 950 of 1000)"),
-    "reconstructions": ParamSpec(int, 1, "average the reconstructions of this many seeds"),
-    "smoothing_mm": ParamSpec(float, 0.0, "Gaussian smoothing of the difference (0 = one model voxel)"),
-    "threshold": ParamSpec(float, 4.0, "anomaly-map threshold: robust z-score within the voxel's tissue group"),
-    "min_size_voxels": ParamSpec(int, 3, "drop mask components smaller than this (model grid voxels)"),
-}
+from .base import TaskRequest, TaskResult
+from .common import (Models, anatomy_groups, region_index, require_image, resolve_region, unknown_message,
+                     voxel_volume_ml)
 
 
 def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np.ndarray:
@@ -55,58 +48,72 @@ def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np
     return np.maximum(z, 0.0)
 
 
-def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
+@dataclass
+class Plan:
+    image: Volume
+    region: str
+    unit: np.ndarray
+    body: np.ndarray
+    groups: Optional[np.ndarray]
+    t_start: int
+    params: dict
+    messages: list
+
+
+def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
-    cfg = predictor.cfg
-    grid = to_model_grid(image, cfg.spacing_mm, region)
-    if not 0.0 < params["noise_fraction"] <= 1.0:
-        raise ValueError("noise_fraction must be in (0, 1]")
-    if params["reconstructions"] < 1:
-        raise ValueError("reconstructions must be >= 1")
-    groups, unknown = anatomy_on_grid(request, grid)
-    cond = Condition(region=region_index(region), anatomy=groups)
-    y = torch.from_numpy(grid.unit)
-    T = cfg.num_train_timesteps
-    t_start = int(round(params["noise_fraction"] * (T - 1)))
-    n = params["reconstructions"]
-    recons = []
-    for r in range(n):
-        sampler = sampler_for(predictor, {**params, "seed": params["seed"] + r}, device)
-        sub = split_progress(progress, r / n, (r + 1) / n)
-        recons.append(sampler.sample(grid.shape, cond, x_init=y, t_start=t_start, progress=sub, cancel=cancel,
-                                     stage=f"reconstruction {r + 1}/{n}"))
-    recon = torch.stack(recons).mean(0).numpy()
-    body = preprocessing.estimate_body_mask(grid.hu)
+    groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
+    body = preprocessing.estimate_body_mask(image.array)
     if groups is not None:
-        body |= groups.numpy() > 0
+        body |= groups > 0
     if not body.any():
         raise ValueError("no body found in the image (nothing above -500 HU): anomaly detection needs a patient")
-    sigma_vox = (params["smoothing_mm"] / cfg.spacing_mm) if params["smoothing_mm"] > 0 else 1.0
-    diff = ndimage.gaussian_filter(np.abs(recon - grid.unit).astype(np.float32), sigma_vox)
-    tissue = groups.numpy() if groups is not None else np.ones(grid.shape, dtype=np.int8)
-    amap = group_zscore(diff, tissue, body)
-    inside = amap[body]
-    threshold = params["threshold"]
-    if threshold <= 0:
-        raise ValueError("threshold must be > 0 (a robust z-score, default 4)")
-    mask = (amap > threshold) & body
-    if params["min_size_voxels"] > 1 and mask.any():
+    t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
+    unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
+    return Plan(image, region, unit, body, groups, t_start, params, unknown_message(unknown))
+
+
+def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
+    import torch
+
+    from ..sampling import Condition, coarse_to_fine, split_progress
+
+    image, p = plan.image, plan.params
+    y = torch.from_numpy(plan.unit).to(sampler.device)
+    cond = Condition(spacing=tuple(image.spacing_kji), region=region_index(plan.region),
+                     anatomy=torch.from_numpy(plan.groups) if plan.groups is not None else None)
+    n = p["reconstructions"]
+    recon = torch.zeros_like(y)
+    for r in range(n):
+        recon += coarse_to_fine(sampler, cond, image.shape, refine_fraction=p["refine_fraction"], x0=y,
+                                coarse_t_start=plan.t_start, gen=sampler.generator(r),
+                                progress=split_progress(progress, r / n, (r + 1) / n), cancel=cancel,
+                                stage=f"reconstruction {r + 1}/{n}")[0]
+    recon = (recon / n).cpu().numpy()
+    diff = np.abs(recon - plan.unit).astype(np.float32)
+    if p["smoothing_mm"] > 0:
+        diff = ndimage.gaussian_filter(diff, p["smoothing_mm"] / np.asarray(image.spacing_kji))
+    tissue = plan.groups if plan.groups is not None else np.ones(image.shape, dtype=np.int8)
+    amap = group_zscore(diff, tissue, plan.body)
+    mask = (amap > p["threshold"]) & plan.body
+    min_voxels = int(np.ceil(p["min_size_mm3"] / (voxel_volume_ml(image) * 1000.0)))
+    if min_voxels > 1 and mask.any():
         lab, k = ndimage.label(mask)
         sizes = np.bincount(lab.ravel())
-        mask = np.isin(lab, np.nonzero(sizes >= params["min_size_voxels"])[0][1:]) if k else mask
-    score = float(np.quantile(inside, 0.999))
-    recon_hu = preprocessing.unit_to_hu(recon, region).astype(np.float32)
-    out_map = back_to_input_grid(amap, grid, image, order=1).astype(np.float32)
-    out_mask = back_to_input_grid(mask, grid, image, order=0).astype(bool)
-    out_recon = back_to_input_grid(recon_hu, grid, image, order=1).astype(np.float32)
-    m = image.ijk_to_ras.copy()
+        mask = np.isin(lab, np.nonzero(sizes >= min_voxels)[0][1:]) if k else mask
+    score = float(np.quantile(amap[plan.body], 0.999))
+    # the reconstruction in HU; outside the window the model has nothing to say: the input
+    keep = preprocessing.outside_window(image.array, plan.region)
+    recon_hu = np.where(keep, image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
+    m = image.ijk_to_ras
+    flagged_ml = float(mask.sum() * voxel_volume_ml(image))
     return TaskResult(
-        volumes={"anomaly_map": Volume(out_map, m), "reconstruction": Volume(out_recon, m.copy())},
-        segmentations={"anomaly": Volume(out_mask, m.copy())},
-        scores={"anomaly_score": score, "threshold": float(threshold), "start_timestep": float(t_start),
-                "anomalous_volume_ml": float(out_mask.sum() * np.prod(image.spacing_kji) / 1000.0)},
-        summary=f"anomaly score {score:.3f} (threshold {threshold:.3f}); "
-                f"{out_mask.sum()} voxels flagged; reconstructed from t = {t_start}",
-        messages=[f"unknown anatomy classes: {', '.join(unknown)}"] if unknown else [],
+        volumes={"anomaly_map": Volume(amap.astype(np.float32), m.copy()), "reconstruction": Volume(recon_hu, m.copy())},
+        segmentations={"anomaly": Volume(mask, m.copy())},
+        scores={"anomaly_score": score, "threshold": float(p["threshold"]), "start_timestep": float(plan.t_start),
+                "anomalous_volume_ml": flagged_ml},
+        summary=f"anomaly score {score:.3f} (threshold {p['threshold']:g}); {int(mask.sum())} voxels "
+                f"({flagged_ml:.1f} ml) flagged; reconstructed from t = {plan.t_start}",
+        messages=plan.messages,
     )

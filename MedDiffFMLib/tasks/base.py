@@ -1,7 +1,7 @@
-"""The one calling shape shared by all six tasks.
+"""What every task receives and returns, and the input checks they share.
 
-Every task is ``run(request, models, progress=None, cancel=None) -> TaskResult``. The Slicer
-module, the CLI, the benchmark and the tests call tasks only through :func:`run_task`.
+The Slicer module, the CLI, the benchmark and the tests call tasks only through
+:func:`MedDiffFMLib.tasks.run_task`; the task facts live in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 
 from ..progress import CancelFlag, Cancelled, Progress, ProgressCallback, as_cancel_flag  # noqa: F401 (re-exported)
 from ..volume import Volume
+from .registry import COMMON_PARAMS, TASKS as TASK_SPECS, ParamSpec, check_params  # noqa: F401 (re-exported)
 
-TASKS = ("denoise", "anomaly", "synthesize", "superres", "lesion", "inpaint")
+TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 
 
 @dataclass
@@ -59,52 +60,6 @@ class TaskResult:
     messages: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One task parameter: its type, default and a help line (used by the CLI and the UI)."""
-
-    type: type
-    default: Any
-    help: str
-    choices: Optional[tuple] = None
-
-
-# Parameters every sampling task takes.
-COMMON_PARAMS: dict[str, ParamSpec] = {
-    "steps": ParamSpec(int, 20, "number of reverse diffusion steps actually run"),
-    "seed": ParamSpec(int, 0, "random seed; the same seed gives the same result on the same device"),
-    "method": ParamSpec(str, "ddim", "reverse step: ddim (deterministic) or ddpm (ancestral)", ("ddim", "ddpm")),
-    "window": ParamSpec(int, 0, "window edge in voxels (0 = the model's own)"),
-    "overlap": ParamSpec(float, 0.25, "overlap between neighbouring windows, in [0, 1)"),
-    "batch_size": ParamSpec(int, 4, "windows per network call (memory bound)"),
-    "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it), fp32, bf16 or fp16",
-                           ("auto", "fp32", "bf16", "fp16")),
-}
-
-
-def check_params(task: str, params: Mapping[str, Any], specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """Defaults filled in, types coerced, unknown keys refused."""
-    unknown = sorted(set(params) - set(specs))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for task {task!r}; known: {sorted(specs)}")
-    out = {}
-    for name, spec in specs.items():
-        value = params.get(name, spec.default)
-        if spec.type is bool and isinstance(value, str):
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(f"parameter {name!r} of task {task!r} must be true or false, got {value!r}")
-            value = value.lower() in ("1", "true", "yes", "on")
-        elif value is not None and spec.type is not object:
-            try:
-                value = spec.type(value)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"parameter {name!r} of task {task!r} must be {spec.type.__name__}: {e}") from e
-        if spec.choices is not None and value not in spec.choices:
-            raise ValueError(f"parameter {name!r} must be one of {spec.choices}, got {value!r}")
-        out[name] = value
-    return out
-
-
 def check_image(image: Volume | None, name: str = "image") -> Volume:
     """Refuse inputs a task cannot use, with a message a user understands."""
     if image is None:
@@ -114,8 +69,8 @@ def check_image(image: Volume | None, name: str = "image") -> Volume:
         raise ValueError(f"the {name} must be a 3-D volume (k, j, i); got {arr.ndim}-D with shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"the {name} is empty")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"the {name} must be numeric, got {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"the {name} must hold real numbers (HU), got {arr.dtype}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"the {name} contains NaN or infinite values; fix or mask them first")
     return image

@@ -1,4 +1,8 @@
-"""The data path every task shares: input grid -> model grid -> sampler -> input grid."""
+"""What the tasks share: models, devices, samplers, and the checks of the prepare step.
+
+Tasks run on the input's own grid: nothing here resamples the image. Masks and anatomy
+maps drawn on other grids are brought onto the image grid (nearest neighbour).
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,40 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .. import anatomy, preprocessing
-from ..checkpoint import load_base, load_controlnet
-from ..networks import REGION_INDEX, NoisePredictor
-from ..sampling import PatchSampler, SamplerOptions
+from ..geometry import spacing_kji
+from ..networks import REGION_INDEX, ControlNetConfig, ModelConfig
 from ..volume import Volume
 from .base import TaskRequest, check_image
+from .registry import TaskSpec
+
+# The whole-volume passes hold a few float32 copies of the volume on the device; past this
+# many voxels a run would need tens of GB (or hours on a CPU): refuse before any work.
+MAX_VOXELS = 400_000_000
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto"):
     """'auto' -> the first CUDA GPU when there is one, else the CPU; 'cuda[:N]' or 'cpu' as given."""
-    device = (device or "auto").lower()
-    if device == "auto":
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
-    if device == "gpu":
-        return torch.device("cuda")
-    return torch.device(device)
+    if name == "gpu":
+        name = "cuda"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    return dev
 
 
 def resolve_model_dir(model: Optional[str | os.PathLike], kind: str = "base", task: Optional[str] = None) -> Path:
@@ -38,44 +56,90 @@ def resolve_model_dir(model: Optional[str | os.PathLike], kind: str = "base", ta
     return Path(weights.resolve_model(model, kind=kind, task=task))
 
 
-_CACHE: dict[tuple, NoisePredictor] = {}
+@dataclass(frozen=True)
+class Models:
+    """The model directories a task will use and their configurations (read, not loaded)."""
+
+    base_dir: Path
+    cfg: ModelConfig
+    controlnet_dir: Optional[Path] = None
+    controlnet_cfg: Optional[ControlNetConfig] = None
+
+    @classmethod
+    def resolve(cls, spec: TaskSpec, model=None, controlnet=None) -> "Models":
+        """Directories from paths or registry ids; the ControlNet must be for ``spec``'s task."""
+        from ..checkpoint import CheckpointError, read_config
+
+        base_dir = resolve_model_dir(model, kind="base")
+        raw = read_config(base_dir)
+        if raw.get("kind") != "base":
+            raise CheckpointError(f"{base_dir} holds a {raw.get('kind')!r} model, not a foundation (base) model")
+        try:
+            cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in ("kind", "format", "meta")})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{base_dir / 'config.json'}: {e}") from None
+        if spec.controlnet is None:
+            return cls(base_dir, cfg)
+        cn_dir = resolve_model_dir(controlnet, kind="controlnet", task=spec.controlnet)
+        cn_raw = read_config(cn_dir)
+        try:
+            cn_cfg = ControlNetConfig.from_dict(cn_raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{cn_dir / 'config.json'}: {e}") from None
+        if cn_cfg.task != spec.controlnet:
+            raise ValueError(f"the ControlNet in {cn_dir} was trained for {cn_cfg.task!r}; task {spec.name!r} "
+                             f"needs a {spec.controlnet!r} ControlNet")
+        return cls(base_dir, cfg, cn_dir, cn_cfg)
+
+
+_CACHE: dict[tuple, object] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(model_dir: Path, controlnet_dir: Optional[Path], device: torch.device) -> NoisePredictor:
+def load_predictor(models: Models, device):
     """Load (or reuse, for batch loops) the base model and optional ControlNet on ``device``."""
+    from .. import weights
+    from ..checkpoint import load_base, load_controlnet
+    from ..networks import NoisePredictor
+
     def stamp(p: Optional[Path]):
         return None if p is None else (str(p.resolve()), (p / "model.safetensors").stat().st_mtime_ns)
 
-    key = (stamp(model_dir), stamp(controlnet_dir), str(device))
+    key = (stamp(models.base_dir), stamp(models.controlnet_dir), str(device))
     with _CACHE_LOCK:
         if key not in _CACHE:
-            from .. import weights
-
             # header, no pickles, and the registry's sha256 when the directory is a registered model
-            weights.verify(model_dir)
-            if controlnet_dir is not None:
-                weights.verify(controlnet_dir)
+            weights.verify(models.base_dir)
+            if models.controlnet_dir is not None:
+                weights.verify(models.controlnet_dir)
             if len(_CACHE) >= 4:
                 _CACHE.pop(next(iter(_CACHE)))
-            if controlnet_dir is None:
-                _CACHE[key] = NoisePredictor(load_base(model_dir, device)).eval()
+            if models.controlnet_dir is None:
+                _CACHE[key] = NoisePredictor(load_base(models.base_dir, device)).eval()
             else:
-                _CACHE[key] = load_controlnet(controlnet_dir, model_dir, device).eval()
+                _CACHE[key] = load_controlnet(models.controlnet_dir, models.base_dir, device).eval()
         return _CACHE[key]
 
 
-def sampler_for(predictor: NoisePredictor, params: dict, device: torch.device, **overrides) -> PatchSampler:
+def sampler_for(predictor, params: dict, device, **overrides):
+    """A :class:`PatchSampler` from a task's parameters."""
+    import torch
+
+    from ..sampling import PatchSampler, SamplerOptions
+
     precision = params.get("precision", "auto")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     opts = SamplerOptions(
         steps=int(params["steps"]), method=params.get("method", "ddim"), seed=int(params["seed"]),
         window=int(params.get("window") or 0) or None, overlap=float(params.get("overlap", 0.25)),
-        batch_size=int(params.get("batch_size", 4)), precision=precision, **overrides)
+        batch_size=int(params.get("batch_size", 4)), precision=precision,
+        guidance_scale=float(params.get("guidance_scale", 1.0)),
+        control_scale=float(params.get("control_scale", 1.0)), **overrides)
     return PatchSampler(predictor, opts, device)
 
 
+# --------------------------------------------------------------------------------- prepare
 def resolve_region(request: TaskRequest, image: Optional[Volume]) -> str:
     if request.region in (None, "", "auto"):
         if image is None:
@@ -85,80 +149,83 @@ def resolve_region(request: TaskRequest, image: Optional[Volume]) -> str:
     return preprocessing.check_region(request.region)
 
 
-@dataclass
-class ModelGrid:
-    """An input moved onto the model's isotropic grid."""
-
-    ijk_to_ras: np.ndarray
-    shape: tuple[int, int, int]
-    unit: Optional[np.ndarray] = None  # image in model units, when there is an image
-    hu: Optional[np.ndarray] = None  # the same image in HU, before windowing (it may be the input itself)
+def require_image(request: TaskRequest, max_voxels: int = MAX_VOXELS) -> Volume:
+    """The checked input image (finite, 3-D, real, plausible spacing, bounded size)."""
+    image = check_image(request.image)
+    check_grid(image.ijk_to_ras, image.shape, "image", max_voxels)
+    return image
 
 
-def to_model_grid(image: Volume, spacing_mm: float, region: str) -> ModelGrid:
-    """Resample (linear) to the model spacing and window to [-1, 1]."""
-    arr, m = preprocessing.resample(image.array.astype(np.float32, copy=False), image.ijk_to_ras,
-                                    (spacing_mm,) * 3, order=1)
-    return ModelGrid(m, tuple(arr.shape), preprocessing.hu_to_unit(arr, region), arr)
-
-
-def grid_only(reference: Volume, spacing_mm: float) -> ModelGrid:
-    from ..geometry import regrid
-
-    m, shape = regrid(reference.ijk_to_ras, reference.shape, (spacing_mm,) * 3)
-    return ModelGrid(m, tuple(shape))
-
-
-def back_to_input_grid(array: np.ndarray, grid: ModelGrid, target: Volume, order: int = 1) -> np.ndarray:
-    """Resample a model-grid array onto the input's grid (identity when the grids agree)."""
-    return preprocessing.resample_to_grid(array, grid.ijk_to_ras, target.shape, target.ijk_to_ras, order=order)
-
-
-def anatomy_on_grid(request: TaskRequest, grid: ModelGrid) -> tuple[Optional[torch.Tensor], list[str]]:
-    """The anatomy label map as a group map on the model grid, and the class names not understood."""
-    if request.anatomy is None:
-        return None, []
-    lab = check_label_volume(request.anatomy, "anatomy label map")
-    on_grid = preprocessing.resample_to_grid(lab.array, lab.ijk_to_ras, grid.shape, grid.ijk_to_ras, order=0)
-    groups, unknown = anatomy.group_map(on_grid, request.anatomy_names)
-    return torch.from_numpy(groups), unknown
-
-
-def check_label_volume(vol: Volume, what: str) -> Volume:
-    arr = np.asarray(vol.array)
-    if arr.ndim != 3:
-        raise ValueError(f"the {what} must be 3-D, got shape {arr.shape}")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise ValueError(f"the {what} contains NaN values")
-    return vol
-
-
-def mask_on_grid(mask: Volume, shape, ijk_to_ras, what: str = "mask") -> np.ndarray:
-    """A boolean mask resampled (nearest) onto a grid; refuses empty masks."""
-    check_label_volume(mask, what)
-    m = preprocessing.resample_to_grid(np.asarray(mask.array) > 0, mask.ijk_to_ras, tuple(shape), ijk_to_ras,
-                                       order=0)
-    m = np.asarray(m, dtype=bool)
-    if not m.any():
-        raise ValueError(f"the {what} is empty on the image grid (no voxel inside the image); draw it inside the image")
-    return m
+def check_grid(ijk_to_ras, shape, what: str, max_voxels: int = MAX_VOXELS) -> np.ndarray:
+    """Voxel sizes of a grid (k, j, i) mm; refuses implausible ones and grids too large to sample."""
+    sp = spacing_kji(ijk_to_ras)
+    if not np.all(np.isfinite(sp)) or np.any(sp < 0.05) or np.any(sp > 20.0):
+        pretty = " x ".join(f"{s:g}" for s in sp[::-1])
+        raise ValueError(f"the {what} has voxels of {pretty} mm (i x j x k): CT voxels are 0.05 to 20 mm; "
+                         "check the file's spacing")
+    n = int(np.prod([int(s) for s in shape]))
+    if n > max_voxels:
+        raise ValueError(f"the {what} has {n / 1e6:.0f} M voxels, more than the {max_voxels / 1e6:.0f} M one run "
+                         "can sample; crop it to the region of interest first")
+    return sp
 
 
 def region_index(region: str) -> int:
     return REGION_INDEX[region]
 
 
-def require_image(request: TaskRequest) -> Volume:
-    return check_image(request.image)
+def check_label_volume(vol: Volume, what: str) -> Volume:
+    arr = np.asarray(vol.array)
+    if arr.ndim != 3:
+        raise ValueError(f"the {what} must be 3-D, got shape {arr.shape}")
+    if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise ValueError(f"the {what} must hold numbers, got {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"the {what} contains NaN or infinite values")
+    return vol
 
 
-def box_around(mask: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice, slice]:
-    """A box around the mask's voxels, grown by ``margin`` and to at least ``min_size`` per axis
-    (clipped to the volume): local tasks sample only there."""
+def on_grid(vol: Volume, shape, ijk_to_ras, order: int = 0) -> np.ndarray:
+    """``vol`` on the grid (``shape``, ``ijk_to_ras``): itself when the grids agree, else resampled."""
+    same = tuple(vol.array.shape) == tuple(shape) and np.allclose(vol.ijk_to_ras, ijk_to_ras, atol=1e-6)
+    if same:
+        return np.asarray(vol.array)
+    return preprocessing.resample_to_grid(np.asarray(vol.array), vol.ijk_to_ras, tuple(shape), ijk_to_ras,
+                                          order=order)
+
+
+def anatomy_groups(request: TaskRequest, shape, ijk_to_ras) -> tuple[Optional[np.ndarray], list[str]]:
+    """The anatomy label map as an int8 group map on a grid, and the class names not understood."""
+    if request.anatomy is None:
+        return None, []
+    lab = check_label_volume(request.anatomy, "anatomy label map")
+    groups, unknown = anatomy.group_map(on_grid(lab, shape, ijk_to_ras, order=0), request.anatomy_names)
+    return groups, unknown
+
+
+def mask_on_image(request: TaskRequest, image: Volume, what: str = "mask") -> np.ndarray:
+    """The boolean mask (non-zero = inside) on the image grid; refuses empty masks."""
+    if request.mask is None:
+        raise ValueError(f"this task needs a {what}: draw the region first")
+    check_label_volume(request.mask, what)
+    inside = Volume(np.asarray(request.mask.array) != 0, request.mask.ijk_to_ras)
+    m = np.asarray(on_grid(inside, image.shape, image.ijk_to_ras), dtype=bool)
+    if not m.any():
+        raise ValueError(f"the {what} is empty on the image grid (no voxel inside the image); draw it inside the image")
+    return m
+
+
+def unknown_message(unknown: list[str]) -> list[str]:
+    return [f"anatomy classes not known to the model (treated as body tissue): {', '.join(unknown)}"] if unknown else []
+
+
+def box_around(mask: np.ndarray, margin_vox, min_size: int) -> tuple[slice, slice, slice]:
+    """A box around the mask's voxels, grown by ``margin_vox`` per axis and to at least
+    ``min_size`` per axis (clipped to the volume): local tasks sample only there."""
     idx = np.nonzero(mask)
     box = []
     for a, n in enumerate(mask.shape):
-        lo, hi = int(idx[a].min()) - margin, int(idx[a].max()) + 1 + margin
+        lo, hi = int(idx[a].min()) - int(margin_vox[a]), int(idx[a].max()) + 1 + int(margin_vox[a])
         if hi - lo < min_size:
             grow = min_size - (hi - lo)
             lo, hi = lo - grow // 2, hi + grow - grow // 2
@@ -177,3 +244,7 @@ def coord_range(box: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[fl
         c = (lambda i: -1.0 + 2.0 * i / (n - 1)) if n > 1 else (lambda i: 0.0)
         out.append((c(sl.start), c(sl.stop - 1)))
     return out
+
+
+def voxel_volume_ml(image: Volume) -> float:
+    return float(np.prod(image.spacing_kji)) / 1000.0

@@ -1,33 +1,33 @@
-"""Zero-shot denoising by DiffPIR plug-and-play restoration (Zhu et al. 2023).
+"""Zero-shot denoising by DiffPIR plug-and-play restoration (Zhu et al. 2023), on the input's grid.
 
-For y = x + n with n ~ N(0, s^2) in model units, sqrt(a_t) * y is a sample of the forward
-process at the t where sqrt((1 - a_t) / a_t) = s. Sampling starts there; at each step the
-model's clean estimate x0 is pulled towards the data by the closed-form proximal step of
-||y - x||^2 / (2 s^2) + rho_t / 2 ||x - x0||^2, i.e. x0' = (y + rho_t x0) / (1 + rho_t) with
-rho_t = lambda * s^2 / sigma_t^2, and the chain continues from x0'.
+The noise level is estimated from the image (or given). Do-no-harm rules:
+
+* where the finest-scale detail (:func:`finest_detail_hu`) is below :data:`NOISE_FLOOR_HU`
+  there is no noise to remove: the input is returned bit for bit (measured on phantoms at
+  0.7-1 mm x 1-5 mm: 0.2-0.3 HU when noise-free, 1.7-2.4 HU at 5 HU of CT-like noise);
+* no voxel changes by more than :data:`MAX_CHANGE_SIGMAS` noise standard deviations:
+  removing noise never needs more (Gaussian noise stays within 4 sigma for all but 6 in
+  100 000 voxels), and what would need more is structure, which a denoiser must keep;
+* voxels outside the intensity window (bone, air in a soft-tissue window) are clipped
+  in the model's units and keep their input values;
+* the output is the input plus the change, so a voxel the chain does not move is unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .. import preprocessing
-from ..sampling import Condition
 from ..volume import Volume
-from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult
-from .common import (anatomy_on_grid, back_to_input_grid, region_index, require_image, resolve_region,
-                     sampler_for, to_model_grid)
+from .base import TaskRequest, TaskResult
+from .common import Models, anatomy_groups, region_index, require_image, resolve_region, unknown_message
 
-PARAMS = {
-    **COMMON_PARAMS,
-    "steps": ParamSpec(int, 2, "reverse steps from the step that matches the noise level (few steps give the "
-                               "most faithful, MMSE-like estimate; more give sharper texture)"),
-    "noise_level": ParamSpec(float, 0.0, "noise standard deviation in HU (0 = estimate from the image)"),
-    "strength": ParamSpec(float, 1.0, "multiplies the noise level: > 1 smooths more, < 1 less"),
-    "lam": ParamSpec(float, 10.0, "DiffPIR lambda: weight of the prior against the data"),
-}
+NOISE_FLOOR_HU = 1.5
+MAX_CHANGE_SIGMAS = 4.0
 
 
 def estimate_noise(unit: np.ndarray) -> float:
@@ -50,8 +50,7 @@ def estimate_noise(unit: np.ndarray) -> float:
     resid = ndimage.convolve(x, kernel, mode="nearest")[1:-1, 1:-1, 1:-1]
     smooth = ndimage.gaussian_filter(x, 1.5)
     grad = ndimage.gaussian_gradient_magnitude(smooth, 1.0)[1:-1, 1:-1, 1:-1]
-    inner = x[1:-1, 1:-1, 1:-1]
-    ok = (np.abs(inner) < 0.98)
+    ok = np.abs(x[1:-1, 1:-1, 1:-1]) < 0.98
     if ok.sum() < 100:
         return 0.0
     flat = ok & (grad <= np.quantile(grad[ok], 0.4))
@@ -60,46 +59,85 @@ def estimate_noise(unit: np.ndarray) -> float:
     return float(1.4826 * mad / np.sqrt(7 / 6))
 
 
-def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
+def finest_detail_hu(hu: np.ndarray, region: str) -> float:
+    """Robust spread (HU) of the finest 3-D Haar detail (the high-high-high band of 2 x 2 x 2
+    blocks) over blocks inside the window: white noise of std s gives s, smooth anatomy and
+    texture almost nothing (Donoho's wavelet noise estimate, in 3-D). Infinite (no opinion)
+    when fewer than 50 blocks lie inside the window."""
+    d, h, w = (s // 2 * 2 for s in hu.shape)
+    if min(d, h, w) == 0:
+        return float("inf")
+    x = np.asarray(hu, dtype=np.float64)[:d, :h, :w]
+    c = x[0::2] - x[1::2]
+    c = c[:, 0::2] - c[:, 1::2]
+    c = (c[:, :, 0::2] - c[:, :, 1::2]) / np.sqrt(8.0)
+    lo, hi = preprocessing.window_bounds(region)
+    inside = ((x > lo) & (x < hi)).reshape(d // 2, 2, h // 2, 2, w // 2, 2).all(axis=(1, 3, 5))
+    if inside.sum() < 50:  # too few blocks to tell: no opinion
+        return float("inf")
+    return float(1.4826 * np.median(np.abs(c[inside])))
+
+
+@dataclass
+class Plan:
+    image: Volume
+    region: str
+    unit: np.ndarray  # the image in model units
+    hu_per_unit: float
+    noise_hu: float  # estimated or given
+    detail_hu: float  # finest-scale detail: the do-no-harm test
+    sigma: float  # the noise level used (model units): noise * strength
+    groups: Optional[np.ndarray]
+    params: dict
+    messages: list
+
+
+def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
-    cfg = predictor.cfg
-    grid = to_model_grid(image, cfg.spacing_mm, region)
-    y = torch.from_numpy(grid.unit)
     lo, hi = preprocessing.window_bounds(region)
-    to_unit = 2.0 / (hi - lo)
-    if params["noise_level"] < 0 or params["strength"] <= 0:
-        raise ValueError("noise_level must be >= 0 and strength > 0")
-    sigma_est = estimate_noise(grid.unit) if params["noise_level"] == 0 else params["noise_level"] * to_unit
-    sigma = sigma_est * params["strength"]
-    groups, unknown = anatomy_on_grid(request, grid)
-    cond = Condition(region=region_index(region), anatomy=groups)
-    sampler = sampler_for(predictor, params, device)
-    sched = sampler.schedule
-    if sigma <= 0:
-        out_unit = grid.unit
-        t_start = -1
-    else:
-        t_start = max(1, sched.t_for_sigma(sigma))
-        ts = sched.timesteps(params["steps"], t_start)
-        x = (sched.alpha_bar(t_start) ** 0.5) * y
-        lam = params["lam"]
+    hu_per_unit = (hi - lo) / 2.0
+    unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
+    given = params["noise_level"] > 0
+    noise_hu = params["noise_level"] if given else estimate_noise(unit) * hu_per_unit
+    groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
+    detail_hu = float("inf") if given else finest_detail_hu(image.array, region)
+    return Plan(image, region, unit, hu_per_unit, float(noise_hu), detail_hu,
+                noise_hu * params["strength"] / hu_per_unit, groups, params, unknown_message(unknown))
 
-        def data_step(t: int, x0: torch.Tensor) -> torch.Tensor:
-            rho = lam * sigma ** 2 / max(sched.sigma(t) ** 2, 1e-12)
-            return (y + rho * x0) / (1 + rho)
 
-        out = sampler.run_chain(x, ts, cond, sampler.generator(), progress, cancel, "denoising", on_x0=data_step)
-        out_unit = out.numpy()
-    hu = preprocessing.unit_to_hu(out_unit, region).astype(np.float32)
-    hu = back_to_input_grid(hu, grid, image, order=1)
-    # The window clips what lies outside it: those voxels cannot have been denoised, keep them.
-    keep = preprocessing.outside_window(image.array, region)
-    denoised = np.where(keep, image.array, hu).astype(np.float32)
-    noise_hu = sigma_est / to_unit
+def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
+    import torch
+
+    from ..sampling import Condition, diffpir
+
+    image, p = plan.image, plan.params
+    scores = {"noise_level_hu": plan.noise_hu}
+    if plan.detail_hu < NOISE_FLOOR_HU or plan.sigma * plan.hu_per_unit < NOISE_FLOOR_HU:
+        return TaskResult(
+            volumes={"denoised": Volume(np.array(image.array, dtype=np.float32, copy=True), image.ijk_to_ras.copy())},
+            scores={**scores, "start_timestep": -1.0, "rms_change_hu": 0.0},
+            summary=f"no noise found (finest detail {min(plan.detail_hu, plan.noise_hu * plan.params['strength']):.2f}"
+                    f" HU < {NOISE_FLOOR_HU} HU): image unchanged",
+            messages=plan.messages)
+    dev = sampler.device
+    y = torch.from_numpy(plan.unit).to(dev)
+    cond = Condition(spacing=tuple(image.spacing_kji), region=region_index(plan.region),
+                     anatomy=torch.from_numpy(plan.groups) if plan.groups is not None else None)
+    out = diffpir(sampler.denoiser(cond, image.shape), sampler.schedule, y, plan.sigma, p["lam"], p["steps"],
+                  gen=sampler.generator(), eta=sampler.options.step_eta, clip_x0=sampler.options.clip_x0,
+                  progress=progress, cancel=cancel)
+    bound = MAX_CHANGE_SIGMAS * plan.sigma
+    change_unit = (out - y).clamp(-bound, bound).cpu().numpy()
+    keep = preprocessing.outside_window(image.array, plan.region)
+    change_hu = np.where(keep, 0.0, change_unit * plan.hu_per_unit).astype(np.float32)
+    denoised = (np.asarray(image.array, dtype=np.float32) + change_hu).astype(np.float32)
+    t_start = max(1, sampler.schedule.t_for_sigma(plan.sigma))
+    rms = float(np.sqrt(np.mean(change_hu.astype(np.float64) ** 2)))
     return TaskResult(
         volumes={"denoised": Volume(denoised, image.ijk_to_ras.copy())},
-        scores={"noise_level_hu": float(noise_hu), "start_timestep": float(t_start)},
-        summary=f"denoised ({region} window): estimated noise {noise_hu:.1f} HU, started at t = {t_start}",
-        messages=[f"unknown anatomy classes: {', '.join(unknown)}"] if unknown else [],
+        scores={**scores, "start_timestep": float(t_start), "rms_change_hu": rms},
+        summary=f"denoised ({plan.region} window): estimated noise {plan.noise_hu:.1f} HU, started at t = {t_start}, "
+                f"RMS change {rms:.1f} HU",
+        messages=plan.messages,
     )

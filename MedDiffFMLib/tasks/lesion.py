@@ -1,94 +1,102 @@
-"""Lesion generation with the lesion ControlNet.
+"""Lesion generation with the lesion ControlNet, on the input's own grid.
 
 The user's mask (drawn in healthy tissue) and the image with the mask blanked condition the
 ControlNet; sampling runs on a box around the mask (its coordinates still those of the whole
-volume), starting from the image noised to ``noise_fraction`` of T. The generated voxels
-replace the image inside the mask only; every voxel outside the mask keeps its input value
-bit for bit. The lesion segmentation is the mask on the image grid.
+volume, its voxel size the input's), starting from the image noised to ``noise_fraction``
+of T. The generated voxels replace the image inside the mask only; every voxel outside the
+mask keeps its input value bit for bit. The lesion segmentation is the mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
-import torch
 
 from .. import preprocessing
-from ..finetune import lesion_condition
-from ..sampling import Condition
+from ..conditions import CONTROL_CHANNELS
 from ..volume import Volume
-from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult
-from .common import (anatomy_on_grid, box_around, coord_range, mask_on_grid, region_index, require_image,
-                     resolve_region, sampler_for, to_model_grid)
-
-PARAMS = {
-    **COMMON_PARAMS,
-    "noise_fraction": ParamSpec(float, 1.0, "start from the image noised to this fraction of T (1 = pure noise "
-                                            "inside the box)"),
-    "margin_mm": ParamSpec(float, 16.0, "context around the mask that the sampler sees (mm)"),
-    "control_scale": ParamSpec(float, 1.0, "ControlNet conditioning scale"),
-}
+from .base import TaskRequest, TaskResult
+from .common import (Models, anatomy_groups, box_around, coord_range, mask_on_image, region_index, require_image,
+                     resolve_region, unknown_message, voxel_volume_ml)
 
 
-def prepare_local(request: TaskRequest, params: dict, predictor):
-    """Image, region, model grid, mask on both grids, box and conditions shared by lesion and inpaint."""
-    if request.mask is None:
-        raise ValueError("this task needs a mask: draw the lesion region first")
+@dataclass
+class LocalPlan:
+    """What lesion generation and inpainting share: the image, the mask and the box around it."""
+
+    image: Volume
+    region: str
+    mask: np.ndarray  # on the image grid
+    box: tuple
+    unit_box: np.ndarray  # the image in model units, inside the box
+    groups_box: Optional[np.ndarray]
+    params: dict
+    messages: list
+
+    def condition(self, control):
+        import torch
+
+        from ..sampling import Condition
+
+        return Condition(spacing=tuple(self.image.spacing_kji), region=region_index(self.region),
+                         anatomy=torch.from_numpy(self.groups_box) if self.groups_box is not None else None,
+                         control=control, coord_range=coord_range(self.box, self.image.shape))
+
+    def paste(self, generated_unit: np.ndarray) -> np.ndarray:
+        """The input with the generated box content inside the mask, in HU; outside the mask
+        the input's values bit for bit."""
+        out = np.array(self.image.array, dtype=np.float32, copy=True)
+        inside = self.mask[self.box]
+        gen_hu = preprocessing.unit_to_hu(generated_unit, self.region).astype(np.float32)
+        out[self.box] = np.where(inside, gen_hu, out[self.box])
+        return out
+
+
+def prepare_local(request: TaskRequest, params: dict, models: Models) -> LocalPlan:
+    cn = models.controlnet_cfg
+    if cn.control_channels != CONTROL_CHANNELS["lesion"]:
+        raise ValueError(f"the ControlNet in {models.controlnet_dir} takes {cn.control_channels} condition channels; "
+                         f"the lesion tasks need {CONTROL_CHANNELS['lesion']}")
     image = require_image(request)
     region = resolve_region(request, image)
-    cfg = predictor.cfg
-    mask_in = mask_on_grid(request.mask, image.shape, image.ijk_to_ras, "mask")
-    grid = to_model_grid(image, cfg.spacing_mm, region)
-    mask_model = preprocessing.resample_to_grid(mask_in, image.ijk_to_ras, grid.shape, grid.ijk_to_ras, order=0)
-    mask_model = np.asarray(mask_model, dtype=bool)
-    if not mask_model.any():
-        # a mask thinner than a model voxel: keep the voxel nearest to its centre
-        c = np.round(np.mean(np.nonzero(mask_in), axis=1)).astype(int)
-        ijk = np.r_[c[::-1], 1.0]
-        ras = image.ijk_to_ras @ ijk
-        kji = np.round((np.linalg.inv(grid.ijk_to_ras) @ ras)[:3][::-1]).astype(int)
-        kji = np.clip(kji, 0, np.array(grid.shape) - 1)
-        mask_model[tuple(kji)] = True
-    margin = int(np.ceil(params["margin_mm"] / cfg.spacing_mm))
-    box = box_around(mask_model, margin, cfg.window)
-    groups, unknown = anatomy_on_grid(request, grid)
-    return image, region, grid, mask_in, mask_model, box, groups, unknown
+    mask = mask_on_image(request, image)
+    if mask.all():
+        raise ValueError("the mask covers the whole image: draw it around the region to change")
+    margin_vox = np.ceil(params["margin_mm"] / np.asarray(image.spacing_kji)).astype(int)
+    box = box_around(mask, margin_vox, models.cfg.window)
+    groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
+    unit_box = preprocessing.hu_to_unit(np.asarray(image.array)[box], region).astype(np.float32)
+    return LocalPlan(image, region, mask, box, unit_box, groups[box] if groups is not None else None, params,
+                     unknown_message(unknown))
 
 
-def paste(image: Volume, mask_in: np.ndarray, mask_model: np.ndarray, box, generated: np.ndarray, grid,
-          region: str) -> np.ndarray:
-    """The input with the generated box content (model units) inside the mask, on the input
-    grid, in HU; outside the mask, the input's values bit for bit."""
-    full = grid.unit.copy()
-    full[box] = np.where(mask_model[box], generated, full[box])
-    hu = preprocessing.unit_to_hu(full, region).astype(np.float32)
-    gen = preprocessing.resample_to_grid(hu, grid.ijk_to_ras, image.shape, image.ijk_to_ras, order=1)
-    out = np.array(image.array, dtype=np.float32, copy=True)
-    out[mask_in] = gen[mask_in]
-    return out
+prepare = prepare_local
 
 
-def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
-    image, region, grid, mask_in, mask_model, box, groups, unknown = prepare_local(request, params, predictor)
-    y = torch.from_numpy(grid.unit)
-    m = torch.from_numpy(mask_model)
-    control = lesion_condition(y, m)
-    cond = Condition(region=region_index(region), anatomy=groups[box] if groups is not None else None,
-                     control=control[(slice(None), *box)], coord_range=coord_range(box, grid.shape))
-    sampler = sampler_for(predictor, params, device)
-    if params["control_scale"] != 1.0:
-        from .superres import _Scaled
-        sampler.predictor = _Scaled(predictor, params["control_scale"])
-    T = predictor.cfg.num_train_timesteps
-    t_start = int(round(params["noise_fraction"] * (T - 1)))
-    crop = y[box]
-    x = sampler.sample(tuple(crop.shape), cond, x_init=crop, t_start=t_start, progress=progress, cancel=cancel,
-                       stage="lesion generation")
-    out = paste(image, mask_in, mask_model, box, x.numpy(), grid, region)
-    contrast = float(out[mask_in].mean() - image.array[mask_in].mean())
+def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
+    import torch
+
+    from ..conditions import lesion_condition
+    from ..sampling import partial_diffusion
+
+    p, image, mask = plan.params, plan.image, plan.mask
+    dev = sampler.device
+    y = torch.from_numpy(plan.unit_box).to(dev)
+    m = torch.from_numpy(mask[plan.box]).to(dev)
+    T = sampler.schedule.num_train_timesteps
+    t_start = int(round(p["noise_fraction"] * (T - 1)))
+    den = sampler.denoiser(plan.condition(lesion_condition(y, m)), y.shape)
+    x = partial_diffusion(den, sampler.schedule, y, t_start, p["steps"], gen=sampler.generator(),
+                          eta=sampler.options.step_eta, clip_x0=sampler.options.clip_x0, progress=progress,
+                          cancel=cancel, stage="lesion generation")
+    out = plan.paste(x.cpu().numpy())
+    contrast = float(out[mask].mean() - np.asarray(image.array)[mask].mean())
     return TaskResult(
         volumes={"lesion": Volume(out, image.ijk_to_ras.copy())},
-        segmentations={"lesion": Volume(mask_in.copy(), image.ijk_to_ras.copy())},
-        scores={"mean_change_hu": contrast, "lesion_volume_ml": float(mask_in.sum() * np.prod(image.spacing_kji) / 1e3)},
-        summary=f"generated a lesion in {int(mask_in.sum())} voxels (mean change {contrast:+.1f} HU)",
-        messages=[f"unknown anatomy classes: {', '.join(unknown)}"] if unknown else [],
+        segmentations={"lesion": Volume(mask.copy(), image.ijk_to_ras.copy())},
+        scores={"mean_change_hu": contrast, "lesion_volume_ml": float(mask.sum() * voxel_volume_ml(image))},
+        summary=f"generated a lesion in {int(mask.sum())} voxels (mean change {contrast:+.1f} HU)",
+        messages=plan.messages,
     )

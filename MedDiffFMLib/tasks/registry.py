@@ -304,8 +304,7 @@ def check_params(task: str, params: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"params must be a mapping of name -> value, got {type(params).__name__}")
     unknown = sorted(set(params) - set(specs))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for task {task!r}; known: "
-                         f"{', '.join(sorted(specs))}")
+        raise ValueError(f"unknown parameter(s) {unknown} for task {task!r}; known: {', '.join(sorted(specs))}")
     out = {name: spec.check(name, params.get(name, spec.default)) for name, spec in specs.items()}
     if out.get("window", 0) not in (0,) and out["window"] < 8:
         raise ValueError(f"parameter 'window' must be 0 (the model's own) or 8 to 512, got {out['window']}")

@@ -1,142 +1,173 @@
-"""Super-resolution with the super-resolution ControlNet.
+"""Super-resolution along the slice axis with the super-resolution ControlNet.
 
-The output grid has the input's extent and direction and ``spacing / factor`` per axis, with
-the first voxel corner fixed (geometry.regrid: Slicer's origin is a voxel centre, so the
-origin moves by half the spacing change). The condition is the input interpolated onto the
-model grid; sampling starts from that interpolation noised to ``noise_fraction`` of T. With
-``consistency`` on (and integer factors on a model-aligned grid), a final back-projection
-makes the block averages of the output equal the input wherever the input lies inside the
-intensity window (exactly in model units, to float32 rounding in HU).
+The output grid is the input's with ``factor`` thin slices in place of each thick one: the
+same in-plane grid (voxels, spacing, direction), slice spacing / factor, the first voxel
+corner fixed, so the thin slices subdivide the thick slabs exactly.
+
+1. The thick slices are interpolated linearly along k (slab centres) onto the thin grid.
+2. The ControlNet, told the factor and each slice's place in its slab, samples from that
+   interpolation noised to ``noise_fraction`` of T, on the thin grid itself.
+3. Do no harm, twice:
+   * **self-check**: the same pipeline super-resolves the input's own slabs of ``factor``
+     slices (one level thicker) and is compared with the input, which is the truth there;
+     the model's detail is kept in the proportion that check supports (the least-squares
+     weight, in [0, 1]): weights that lose to interpolation contribute nothing;
+   * **slab consistency**: the result is projected onto "slab means equal the input" (an
+     orthogonal projection onto a set holding the truth: it never moves an estimate away
+     from it), so the output explains the input to float32 rounding, on any grid.
+
+So the output is never worse than the slab-consistent interpolation on the check, and that
+interpolation is never further from the truth than plain linear interpolation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
-import torch
 
 from .. import preprocessing
-from ..finetune import upsample_blocks
+from ..conditions import CONTROL_CHANNELS
 from ..geometry import regrid
-from ..sampling import Condition
 from ..volume import Volume
-from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult
-from .common import ModelGrid, anatomy_on_grid, region_index, require_image, resolve_region, sampler_for
-
-PARAMS = {
-    **COMMON_PARAMS,
-    "factor": ParamSpec(object, None, "upsampling factor per axis (k, j, i); default: the ControlNet's "
-                                      "training factor, e.g. 4 1 1 for 4x thinner slices"),
-    "noise_fraction": ParamSpec(float, 0.6, "start from the interpolated image noised to this fraction of T "
-                                            "(1 = from pure noise)"),
-    "consistency": ParamSpec(bool, True, "back-project so block averages of the output equal the input"),
-    "control_scale": ParamSpec(float, 1.0, "ControlNet conditioning scale"),
-}
+from .base import TaskRequest, TaskResult
+from .common import (Models, anatomy_groups, check_grid, coord_range, region_index, require_image, resolve_region,
+                     unknown_message)
 
 
-def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
+@dataclass
+class Plan:
+    image: Volume
+    region: str
+    factor: int
+    out_ijk_to_ras: np.ndarray
+    out_shape: tuple
+    groups_out: Optional[np.ndarray]  # anatomy on the thin grid
+    groups_in: Optional[np.ndarray]  # and on the input grid, for the self-check
+    self_check: bool
+    t_start: int
+    params: dict
+    messages: list
+
+
+def auto_factor(spacing_kji) -> int:
+    """Thin slices about as thick as the in-plane spacing: round(slice / in-plane), 2..6."""
+    return int(min(6, max(2, round(float(spacing_kji[0]) / float(np.mean(spacing_kji[1:]))))))
+
+
+def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
-    cfg = predictor.cfg
-    trained = predictor.controlnet.cfg.params.get("factor") if predictor.controlnet is not None else None
-    factor = params["factor"] if params["factor"] is not None else trained
-    if factor is None:
-        raise ValueError("give the super-resolution factor per axis (k, j, i)")
-    factor = tuple(float(f) for f in factor)
-    if len(factor) != 3 or min(factor) < 1:
-        raise ValueError(f"factor must be three numbers >= 1 (k, j, i), got {factor}")
-    if not 0.0 < params["noise_fraction"] <= 1.0:
-        raise ValueError("noise_fraction must be in (0, 1]")
-    out_spacing = image.spacing_kji / np.asarray(factor)
-    out_matrix, out_shape = regrid(image.ijk_to_ras, image.shape, out_spacing)
-    # the model's grid over the same box
-    model_matrix, model_shape = regrid(image.ijk_to_ras, image.shape, (cfg.spacing_mm,) * 3)
-    grid = ModelGrid(model_matrix, tuple(model_shape))
-    aligned = np.allclose(out_spacing, cfg.spacing_mm, rtol=1e-6) and all(float(f).is_integer() for f in factor)
-    lr_unit = torch.from_numpy(preprocessing.hu_to_unit(image.array, region))
-    fi = tuple(int(f) for f in factor) if aligned else None
-    if aligned:
-        control = upsample_blocks(lr_unit, fi, model_shape)
-    else:
-        lr_hu = preprocessing.resample_to_grid(image.array, image.ijk_to_ras, model_shape, model_matrix, order=1)
-        control = torch.from_numpy(preprocessing.hu_to_unit(lr_hu, region))
-    groups, unknown = anatomy_on_grid(request, grid)
-    cond = Condition(region=region_index(region), anatomy=groups, control=control[None])
-    sampler = sampler_for(predictor, params, device)
-    predictor_scale = params["control_scale"]
-    if predictor_scale != 1.0:
-        sampler.predictor = _Scaled(predictor, predictor_scale)
-    T = cfg.num_train_timesteps
-    t_start = int(round(params["noise_fraction"] * (T - 1)))
-    x = sampler.sample(model_shape, cond, x_init=control, t_start=t_start, progress=progress, cancel=cancel,
-                       stage="super-resolution")
-    consistent = bool(params["consistency"]) and aligned
-    if consistent:
-        x = project_block_means(x, lr_unit, fi)
-    hu = preprocessing.unit_to_hu(x.numpy(), region).astype(np.float32)
-    # The window clips HU outside it (bone, air in a soft-tissue window): there the model has
-    # nothing to add, so those voxels take the plain interpolation in HU. With consistency the
-    # block's own input value decides, so that blocks inside the window keep their block means.
-    if aligned:
-        interp_hu = upsample_blocks(torch.from_numpy(image.array.astype(np.float32)), fi, model_shape).numpy()
-    else:
-        interp_hu = lr_hu
-    if consistent:
-        outside = _per_block(preprocessing.outside_window(image.array, region), fi, model_shape)
-    else:
-        outside = preprocessing.outside_window(interp_hu, region)
-    hu = np.where(outside, interp_hu, hu).astype(np.float32)
-    out = preprocessing.resample_to_grid(hu, model_matrix, out_shape, out_matrix, order=1).astype(np.float32)
-    sp = ", ".join(f"{s:.3g}" for s in out_spacing[::-1])
+    cn = models.controlnet_cfg
+    if cn.control_channels != CONTROL_CHANNELS["superres"]:
+        raise ValueError(f"the ControlNet in {models.controlnet_dir} takes {cn.control_channels} condition channels; "
+                         f"this version's super-resolution needs {CONTROL_CHANNELS['superres']} (factor-conditioned): "
+                         "use the bundled 'meddifffm-demo-superres' or fine-tune a new one")
+    factor = params["factor"] if params["factor"] is not None else auto_factor(image.spacing_kji)
+    sp = image.spacing_kji
+    out_matrix, out_shape = regrid(image.ijk_to_ras, image.shape, (sp[0] / factor, sp[1], sp[2]))
+    if tuple(out_shape) != (image.shape[0] * factor, image.shape[1], image.shape[2]):
+        raise AssertionError(f"thin grid {out_shape} does not subdivide {image.shape} by {factor}")
+    check_grid(out_matrix, out_shape, "super-resolved grid")
+    groups_out, unknown = anatomy_groups(request, out_shape, out_matrix)
+    groups_in, _ = anatomy_groups(request, image.shape, image.ijk_to_ras)
+    self_check = bool(params["self_check"]) and image.shape[0] // factor >= 2
+    messages = unknown_message(unknown)
+    if params["self_check"] and not self_check:
+        messages.append(f"self-check impossible ({image.shape[0]} slices are fewer than two slabs of {factor}): "
+                        "the result is the slab-consistent interpolation; turn self_check off to keep the model's "
+                        "detail unchecked")
+    t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
+    return Plan(image, region, int(factor), out_matrix, tuple(out_shape), groups_out, groups_in, self_check, t_start,
+                params, messages)
+
+
+def _to_unit(hu, lo: float, hi: float):
+    return (2.0 * (hu - lo) / (hi - lo) - 1.0).clamp(-1.0, 1.0)
+
+
+def _detail(model_hu, interp_hu, factor: int):
+    """The model's departure from the interpolation with each slab's mean removed (so adding
+    it keeps slab means)."""
+    from ..conditions import slab_means
+
+    d = (model_hu - interp_hu).double()
+    n = d.shape[0] // factor
+    d = d[: n * factor]
+    return d - slab_means(d, factor).repeat_interleave(factor, dim=0)
+
+
+def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int, int], gen, progress, cancel):
+    """(model, interpolation) in HU on the thin grid of ``thick_hu`` (n, H, W) by the plan's factor."""
+    import torch
+
+    from ..conditions import slab_interpolate, superres_condition
+    from ..sampling import Condition, partial_diffusion
+
+    f = plan.factor
+    lo, hi = preprocessing.window_bounds(plan.region)
+    interp_hu = slab_interpolate(thick_hu, f)
+    interp_unit = _to_unit(interp_hu, lo, hi)
+    shape = tuple(interp_hu.shape)
+    full_k = plan.image.shape[0] * f if box_k is None else box_k[1]
+    k0 = 0 if box_k is None else box_k[0]
+    ranges = coord_range((slice(k0, k0 + shape[0]), slice(0, shape[1]), slice(0, shape[2])), (full_k, *shape[1:]))
+    cond = Condition(spacing=spacing, region=region_index(plan.region),
+                     anatomy=torch.from_numpy(groups) if groups is not None else None,
+                     control=superres_condition(interp_unit, f), coord_range=ranges)
+    opts = sampler.options
+    x = partial_diffusion(sampler.denoiser(cond, shape), sampler.schedule, interp_unit, plan.t_start, opts.steps,
+                          gen=gen, eta=opts.step_eta, clip_x0=opts.clip_x0, progress=progress, cancel=cancel,
+                          stage="super-resolution")
+    model_hu = lo + (x.double() + 1.0) / 2.0 * (hi - lo)
+    outside = (interp_hu < lo) | (interp_hu > hi)  # clipped in model units: nothing to add there
+    return torch.where(outside, interp_hu.double(), model_hu), interp_hu.double()
+
+
+def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
+    import torch
+
+    from ..conditions import project_slab_means, slab_means
+    from ..sampling import split_progress
+
+    image, f = plan.image, plan.factor
+    dev = sampler.device
+    thick = torch.from_numpy(np.asarray(image.array, dtype=np.float64)).to(dev)
+    sp = image.spacing_kji
+    # without a check the detail is trusted only when the user turned the check off
+    weight, check_gain_db = (0.0 if plan.params["self_check"] else 1.0), None
+    main_progress = progress
+    if plan.self_check:
+        share = 1.0 / (1 + f)
+        n = image.shape[0] // f
+        target = thick[: n * f]
+        groups = plan.groups_in[: n * f] if plan.groups_in is not None else None
+        model_v, interp_v = _model_pass(sampler, plan, slab_means(target, f).float(), tuple(sp), groups,
+                                        (0, image.shape[0]), sampler.generator(1),
+                                        split_progress(progress, 0.0, share), cancel)
+        resid = target - project_slab_means(interp_v, slab_means(target, f), f)
+        detail = _detail(model_v, interp_v, f)
+        energy = float((detail * detail).sum())
+        weight = float(np.clip(float((detail * resid).sum()) / energy, 0.0, 1.0)) if energy > 0 else 0.0
+        before, after = float((resid ** 2).mean()), float(((resid - weight * detail) ** 2).mean())
+        check_gain_db = 10 * np.log10(before / after) if after > 0 and before > 0 else 0.0
+        main_progress = split_progress(progress, share, 1.0)
+    model_hu, interp_hu = _model_pass(sampler, plan, thick.float(), (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
+                                      sampler.generator(), main_progress, cancel)
+    out = project_slab_means(interp_hu, thick, f) + weight * _detail(model_hu, interp_hu, f)
+    out32 = out.float().cpu().numpy()
+    slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy()).max())
+    spacing = ", ".join(f"{s:.3g}" for s in (sp[2], sp[1], sp[0] / f))
+    scores = {"factor": float(f), "model_weight": weight, "slab_mean_error_hu": slab_error,
+              "start_timestep": float(plan.t_start)}
+    if check_gain_db is not None:
+        scores["self_check_gain_db"] = float(check_gain_db)
     return TaskResult(
-        volumes={"superres": Volume(out, out_matrix)},
-        scores={"start_timestep": float(t_start)},
-        summary=f"super-resolved {image.shape[::-1]} -> {tuple(out_shape)[::-1]} voxels (i, j, k), spacing {sp} mm",
-        messages=[f"unknown anatomy classes: {', '.join(unknown)}"] if unknown else [],
+        volumes={"superres": Volume(out32, plan.out_ijk_to_ras.copy())},
+        scores=scores,
+        summary=f"super-resolved {image.shape[::-1]} -> {plan.out_shape[::-1]} voxels (i, j, k), spacing {spacing} mm; "
+                f"model detail weight {weight:.2f}"
+                + (f" (self-check {check_gain_db:+.2f} dB over interpolation)" if check_gain_db is not None else ""),
+        messages=plan.messages,
     )
-
-
-def project_block_means(x: torch.Tensor, lr: torch.Tensor, factor) -> torch.Tensor:
-    """``x`` shifted by one value per block and clipped to [-1, 1] so that its block means equal ``lr``.
-
-    Spreading each block's residual evenly and clipping afterwards (the window) would break the
-    equality wherever the sum leaves [-1, 1]. The mean of clip(x + c) grows monotonically with
-    the shift c, so each block's c is found by bisection; ``lr`` (a windowed image, clipped to
-    [-1, 1] here) always has a solution. Voxels past the last full block are left as they are.
-    """
-    f = tuple(int(a) for a in factor)
-    n = tuple(s // a for s, a in zip(x.shape, f))
-    crop = tuple(slice(0, a * b) for a, b in zip(n, f))
-    xb = x[crop].float().reshape(n[0], f[0], n[1], f[1], n[2], f[2])
-    target = lr[: n[0], : n[1], : n[2]].float().clamp(-1.0, 1.0)[:, None, :, None, :, None]
-    lo = torch.full_like(target, -1.0 - float(xb.max()))  # every voxel clipped to -1
-    hi = torch.full_like(target, 1.0 - float(xb.min()))  # every voxel clipped to +1
-    for _ in range(40):  # the bracket shrinks below float32 resolution
-        mid = 0.5 * (lo + hi)
-        below = (xb + mid).clamp(-1.0, 1.0).mean(dim=(1, 3, 5), keepdim=True) < target
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    out = x.clone()
-    out[crop] = (xb + 0.5 * (lo + hi)).clamp(-1.0, 1.0).reshape(out[crop].shape).to(x.dtype)
-    return out
-
-
-def _per_block(mask: np.ndarray, factor, shape) -> np.ndarray:
-    """A per-block mask repeated onto the fine grid of ``shape`` (edge voxels extended)."""
-    up = np.asarray(mask)
-    for axis, f in enumerate(factor):
-        up = np.repeat(up, int(f), axis=axis)
-    pad = [(0, max(0, s - u)) for s, u in zip(shape, up.shape)]
-    return np.pad(up, pad, mode="edge")[: shape[0], : shape[1], : shape[2]]
-
-
-class _Scaled(torch.nn.Module):
-    """A NoisePredictor with a fixed ControlNet conditioning scale."""
-
-    def __init__(self, predictor, scale: float):
-        super().__init__()
-        self.inner = predictor
-        self.scale = scale
-        self.cfg = predictor.cfg
-
-    def forward(self, *args):
-        return self.inner(*args, control_scale=self.scale)

@@ -1,62 +1,77 @@
 """Synthesis: a new CT from a region and (optionally) an anatomy label map.
 
 The output lies on the grid of the anatomy label map, else of the reference image, else on a
-grid made from ``shape`` and ``spacing``. Multi-level sampling (image level, then native
-refinement) keeps the global layout coherent on volumes larger than one window.
+grid made from ``shape`` and ``spacing``, and is sampled on that grid itself. With
+``multilevel`` the whole volume is first sampled at window size (the global layout, at a
+coarse voxel size the model is told) and then refined on the output grid.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 
-from .. import preprocessing
+from .. import anatomy, preprocessing
 from ..geometry import make_ijk_to_ras
-from ..sampling import Condition
 from ..volume import Volume
-from .base import COMMON_PARAMS, ParamSpec, TaskRequest, TaskResult, check_image
-from .common import anatomy_on_grid, back_to_input_grid, grid_only, region_index, resolve_region, sampler_for
-
-PARAMS = {
-    **COMMON_PARAMS,
-    "guidance_scale": ParamSpec(float, 1.0, "classifier-free guidance scale (1 = off)"),
-    "multilevel": ParamSpec(bool, True, "image-level sample first, then native-resolution refinement"),
-    "refine_fraction": ParamSpec(float, 0.6, "fraction of T at which native refinement starts"),
-    "shape": ParamSpec(object, None, "(k, j, i) voxels when neither anatomy nor image gives the grid"),
-    "spacing": ParamSpec(object, None, "(k, j, i) mm when neither anatomy nor image gives the grid"),
-}
+from .base import TaskRequest, TaskResult, check_image
+from .common import Models, check_grid, check_label_volume, region_index, resolve_region, unknown_message
 
 
-def run(request: TaskRequest, params: dict, predictor, device, progress=None, cancel=None) -> TaskResult:
-    cfg = predictor.cfg
+@dataclass
+class Plan:
+    region: str
+    ijk_to_ras: np.ndarray
+    shape: tuple
+    groups: Optional[np.ndarray]
+    params: dict
+    unknown: list
+
+
+def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     if request.anatomy is not None:
-        reference = request.anatomy
+        ref = check_label_volume(request.anatomy, "anatomy label map")
+        matrix, shape = ref.ijk_to_ras, tuple(ref.array.shape)
     elif request.image is not None:
-        reference = check_image(request.image)
+        ref = check_image(request.image)
+        matrix, shape = ref.ijk_to_ras, tuple(ref.shape)
     else:
-        shape = tuple(int(s) for s in (params["shape"] or (cfg.window,) * 3))
-        spacing = tuple(float(s) for s in (params["spacing"] or (cfg.spacing_mm,) * 3))
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"shape must be 3 positive integers (k, j, i), got {shape}")
-        reference = Volume(np.zeros(shape, np.float32), make_ijk_to_ras(spacing))
+        shape = params["shape"] or (models.cfg.window,) * 3
+        matrix = make_ijk_to_ras(params["spacing"] or (1.5, 1.5, 1.5))
+    check_grid(matrix, shape, "output grid")
     region = resolve_region(request, request.image)
-    grid = grid_only(reference, cfg.spacing_mm)
-    groups, unknown = anatomy_on_grid(request, grid)
-    cond = Condition(region=region_index(region), anatomy=groups)
-    sampler = sampler_for(predictor, params, device, guidance_scale=params["guidance_scale"])
-    if params["multilevel"]:
-        x = sampler.sample_multilevel(grid.shape, cond, refine_fraction=params["refine_fraction"],
-                                      progress=progress, cancel=cancel)
+    groups, unknown = None, []
+    if request.anatomy is not None:
+        groups, unknown = anatomy.group_map(np.asarray(request.anatomy.array), request.anatomy_names)
+    return Plan(region, np.asarray(matrix, dtype=np.float64).copy(), tuple(int(s) for s in shape), groups, params,
+                unknown)
+
+
+def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
+    import torch
+
+    from ..geometry import spacing_kji
+    from ..sampling import Condition, coarse_to_fine, sample_chain
+
+    p = plan.params
+    cond = Condition(spacing=tuple(spacing_kji(plan.ijk_to_ras)), region=region_index(plan.region),
+                     anatomy=torch.from_numpy(plan.groups) if plan.groups is not None else None)
+    gen = sampler.generator()
+    if p["multilevel"]:
+        x, _ = coarse_to_fine(sampler, cond, plan.shape, refine_fraction=p["refine_fraction"], gen=gen,
+                              progress=progress, cancel=cancel, stage="synthesis")
     else:
-        x = sampler.sample(grid.shape, cond, progress=progress, cancel=cancel)
-    hu = preprocessing.unit_to_hu(x.numpy(), region).astype(np.float32)
-    out = back_to_input_grid(hu, grid, reference, order=1).astype(np.float32)
-    messages = []
-    if unknown:
-        messages.append("anatomy classes not known to the model (treated as body tissue): " + ", ".join(unknown))
+        sched = sampler.schedule
+        x = sample_chain(sampler.denoiser(cond, plan.shape), sched, sampler.noise(plan.shape, gen),
+                         sched.timesteps(p["steps"]), eta=sampler.options.step_eta, gen=gen,
+                         clip_x0=sampler.options.clip_x0, progress=progress, cancel=cancel, stage="synthesis")
+    hu = preprocessing.unit_to_hu(x.cpu().numpy(), plan.region).astype(np.float32)
     return TaskResult(
-        volumes={"synthetic": Volume(out, reference.ijk_to_ras.copy())},
-        scores={"unknown_classes": float(len(unknown))},
-        summary=f"synthesised a {region} CT of {out.shape[::-1]} voxels (i, j, k)"
-        + (f"; {len(unknown)} unknown anatomy classes" if unknown else ""),
-        messages=messages,
+        volumes={"synthetic": Volume(hu, plan.ijk_to_ras.copy())},
+        scores={"unknown_classes": float(len(plan.unknown))},
+        summary=f"synthesised a {plan.region} CT of {hu.shape[::-1]} voxels (i, j, k)"
+        + (f"; {len(plan.unknown)} unknown anatomy classes" if plan.unknown else ""),
+        messages=unknown_message(plan.unknown),
     )

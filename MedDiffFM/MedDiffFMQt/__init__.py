@@ -1,0 +1,1 @@
+"""The module's Qt panel (runs only inside the Slicer application); see ``panel``."""

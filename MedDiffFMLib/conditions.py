@@ -1,0 +1,100 @@
+"""ControlNet conditions, shared by inference (the tasks) and fine-tuning.
+
+* super-resolution: a thick slice is the mean of the ``factor`` thin slices it covers (a
+  slab average: the slice profile of a CT reconstruction to a first approximation). The
+  condition is the thick image interpolated linearly along k onto the thin grid, plus the
+  factor and each thin slice's place within its slab, so that one ControlNet serves factors
+  2 to 6. Only k changes: the in-plane grid is the input's.
+* lesion: the lesion mask and the image with the mask blanked (2 channels), as DiffTumor
+  conditions its generator.
+
+All arrays are (k, j, i); the slice axis is k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+BLANK_VALUE = 0.0  # model units written into the lesion region of the lesion condition
+CONTROL_CHANNELS = {"superres": 3, "lesion": 2}
+SUPERRES_FACTORS = (2, 3, 4, 5, 6)
+
+
+def slab_means(x: torch.Tensor | np.ndarray, factor: int):
+    """Thick slices: the mean of each run of ``factor`` slices along k (a trailing partial run
+    is dropped). (D, H, W) -> (D // factor, H, W), same type as ``x``."""
+    f = int(factor)
+    n = x.shape[0] // f
+    if n == 0:
+        raise ValueError(f"{x.shape[0]} slices are fewer than one slab of {f}")
+    if isinstance(x, np.ndarray):
+        return x[: n * f].reshape(n, f, *x.shape[1:]).mean(axis=1, dtype=np.float64).astype(x.dtype)
+    return x[: n * f].reshape(n, f, *x.shape[1:]).mean(dim=1)
+
+
+def slab_interpolate(thick: torch.Tensor, factor: int) -> torch.Tensor:
+    """Linear interpolation along k from thick-slice centres onto the thin grid.
+
+    Thin slice m (of ``len(thick) * factor``) sits at thick index (m + 0.5) / factor - 0.5;
+    beyond the first and last thick centres the edge value is kept.
+
+    Args:
+        thick: (n, H, W) float tensor.
+    Returns:
+        (n * factor, H, W) float tensor on the same device.
+    """
+    f = int(factor)
+    n = thick.shape[0]
+    pos = (torch.arange(n * f, dtype=torch.float64) + 0.5) / f - 0.5
+    pos = pos.clamp(0, n - 1)
+    lo = pos.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (pos - lo).to(thick.dtype).to(thick.device).view(-1, *([1] * (thick.ndim - 1)))
+    lo, hi = lo.to(thick.device), hi.to(thick.device)
+    return thick[lo] * (1 - w) + thick[hi] * w
+
+
+def project_slab_means(x: torch.Tensor, thick: torch.Tensor, factor: int) -> torch.Tensor:
+    """The orthogonal projection of ``x`` (n * f, H, W) onto {slab means equal ``thick``}: each
+    slab is shifted by its own residual. Computed in float64, so the slab means of the result
+    equal ``thick`` to float32 rounding. Because the true thin image lies in that set, the
+    projection never moves an estimate further from it."""
+    f = int(factor)
+    n = thick.shape[0]
+    xd = x[: n * f].double()
+    resid = thick.double() - xd.reshape(n, f, *x.shape[1:]).mean(dim=1)
+    out = x.clone()
+    out[: n * f] = (xd + resid.repeat_interleave(f, dim=0)).to(x.dtype)
+    return out
+
+
+def superres_condition(interp: torch.Tensor, factor: int) -> torch.Tensor:
+    """(3, D, H, W) condition from the slab interpolation ``interp`` (D, H, W) in model units:
+    the interpolation, the factor (``log2(f) / log2(6)``, in (0, 1]) and the place of each thin
+    slice within its slab (-0.5 first ... +0.5 last)."""
+    f = int(factor)
+    d = interp.shape[0]
+    phase = ((torch.arange(d, dtype=torch.float32) % f) + 0.5) / f - 0.5
+    phase = phase.to(interp.device).view(-1, 1, 1).expand_as(interp)
+    fac = torch.full_like(interp, math.log2(f) / math.log2(6))
+    return torch.stack([interp.float(), fac.float(), phase.float()])
+
+
+def superres_training_condition(thin: torch.Tensor, factor: int) -> torch.Tensor:
+    """The condition a thin image (D, H, W) would have after slab averaging by ``factor``;
+    slices past the last full slab take the last slab's interpolation."""
+    f = int(factor)
+    interp = slab_interpolate(slab_means(thin.float(), f), f)
+    if interp.shape[0] < thin.shape[0]:
+        extra = interp[-1:].expand(thin.shape[0] - interp.shape[0], *interp.shape[1:])
+        interp = torch.cat([interp, extra])
+    return superres_condition(interp, f)
+
+
+def lesion_condition(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(2, D, H, W) condition: lesion mask, and the image with the mask blanked."""
+    m = mask.float()
+    return torch.stack([m, image * (1 - m) + BLANK_VALUE * m])

@@ -1,0 +1,95 @@
+"""ControlNet conditions: slab means, slab interpolation, the slab-mean projection, factor channels."""
+
+import numpy as np
+import pytest
+import torch
+
+from MedDiffFMLib.conditions import (BLANK_VALUE, lesion_condition, project_slab_means, slab_interpolate, slab_means,
+                                     superres_condition, superres_training_condition)
+from MedDiffFMLib.geometry import make_ijk_to_ras, regrid, voxel_to_ras
+
+
+def test_slab_means_along_k():
+    x = torch.arange(7 * 4 * 3, dtype=torch.float32).reshape(7, 4, 3) ** 1.5
+    out = slab_means(x, 3)
+    assert out.shape == (2, 4, 3)  # the trailing partial slab is dropped
+    torch.testing.assert_close(out, x[:6].reshape(2, 3, 4, 3).mean(1))
+    np.testing.assert_allclose(slab_means(x.numpy(), 3), out.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="fewer than one slab"):
+        slab_means(x, 8)
+
+
+def test_slab_interpolation_centres_and_edges():
+    f = 4
+    thick = torch.arange(5, dtype=torch.float64)[:, None, None].expand(5, 3, 2).clone()
+    up = slab_interpolate(thick, f)
+    assert up.shape == (20, 3, 2)
+    p = torch.arange(20, dtype=torch.float64)
+    torch.testing.assert_close(up[:, 0, 0], ((p + 0.5) / f - 0.5).clamp(0, 4))
+
+
+def test_slab_interpolation_matches_the_regridded_geometry():
+    """On an oblique grid, interpolating a linear function of position from thick slices gives
+    that function at the centres of geometry.regrid's thin slices (between the end centres)."""
+    rot = np.linalg.qr(np.array([[1.0, 2, 0], [0, 1, 3], [2, 0, 1]]))[0]
+    m = make_ijk_to_ras((5.0, 0.8, 0.7), (5.0, -3.0, 2.0), rot)
+    shape = (6, 4, 3)
+    w = np.array([0.3, -0.2, 0.7])
+
+    def field(mat, shp):
+        k, j, i = np.meshgrid(*[np.arange(n) for n in shp], indexing="ij")
+        ras = voxel_to_ras(mat, np.stack([i.ravel(), j.ravel(), k.ravel()], 1))
+        return (ras @ w).reshape(shp)
+
+    fine_m, fine_shape = regrid(m, shape, (1.0, 0.8, 0.7))
+    assert fine_shape == (30, 4, 3)
+    up = slab_interpolate(torch.from_numpy(field(m, shape)), 5).numpy()
+    inner = slice(3, 27)
+    np.testing.assert_allclose(up[inner], field(fine_m, fine_shape)[inner], atol=1e-9)
+
+
+def test_slab_projection_is_exact_orthogonal_and_never_moves_away_from_the_truth():
+    g = torch.Generator().manual_seed(0)
+    f = 3
+    truth = torch.randn(12, 5, 4, generator=g, dtype=torch.float64) * 100
+    thick = slab_means(truth, f)
+    guess = truth + torch.randn(12, 5, 4, generator=g, dtype=torch.float64) * 30 + 7
+    proj = project_slab_means(guess, thick, f)
+    torch.testing.assert_close(slab_means(proj, f), thick, atol=1e-9, rtol=0)
+    assert float((proj - truth).norm()) <= float((guess - truth).norm())
+    # orthogonal: the change is constant per slab (the least change that fixes the means)
+    change = (proj - guess).reshape(4, f, 5, 4)
+    assert torch.allclose(change, change[:, :1].expand_as(change))
+    torch.testing.assert_close(project_slab_means(truth, thick, f), truth, atol=1e-9, rtol=0)  # a fixed point
+
+
+def test_superres_condition_channels():
+    interp = torch.rand(12, 3, 2, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    c = superres_condition(interp, 3)
+    assert c.shape == (3, 12, 3, 2) and c.dtype == torch.float32
+    assert torch.equal(c[0], interp)
+    torch.testing.assert_close(c[1], torch.full_like(interp, np.log2(3) / np.log2(6)))
+    torch.testing.assert_close(c[2, :6, 0, 0], torch.tensor([-1 / 3, 0, 1 / 3] * 2))
+    assert not torch.equal(superres_condition(interp, 4)[1], c[1])  # the factor is told
+
+
+def test_superres_training_condition_simulates_thick_slices():
+    thin = torch.rand(14, 4, 4, generator=torch.Generator().manual_seed(3))
+    c = superres_training_condition(thin, 4)
+    assert c.shape == (3, 14, 4, 4)
+    expect = slab_interpolate(slab_means(thin, 4), 4)
+    torch.testing.assert_close(c[0, :12], expect)
+    torch.testing.assert_close(c[0, 12:], expect[-1:].expand(2, 4, 4))
+
+
+def test_lesion_condition_channels():
+    img = torch.rand(4, 5, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mask = torch.zeros(4, 5, 6, dtype=torch.bool)
+    mask[1:3, 2:4, 1:5] = True
+    c = lesion_condition(img, mask)
+    assert c.shape == (2, 4, 5, 6) and c.dtype == torch.float32
+    assert torch.equal(c[0], mask.float())
+    assert torch.equal(c[1][~mask], img[~mask])
+    assert torch.all(c[1][mask] == BLANK_VALUE)
+    c0 = lesion_condition(img, torch.zeros_like(mask))
+    assert not c0[0].any() and torch.equal(c0[1], img)
