@@ -1,4 +1,5 @@
-"""Image-quality and detection metrics: PSNR, 3-D SSIM, AUROC, Dice.
+"""Every measure the benchmark, the demo and the tests use: PSNR, SSIM, AUROC, Dice, edge
+sharpness, slab-mean consistency, region contrast.
 
 All take numpy arrays (any shape unless stated) and return Python floats. ``ssim3d`` uses
 scikit-image (an optional dependency, extra ``benchmark``), imported only when called.
@@ -114,3 +115,104 @@ def dice(a, b) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(x, y).sum()) / total
+
+
+# ------------------------------------------------------------------------------ image measures
+def windowed_psnr(pred, target, window: tuple[float, float], mask=None) -> float:
+    """PSNR in HU of both images clipped to ``window`` (low, high), data range = its width."""
+    lo, hi = (float(w) for w in window)
+    p, t = _pair(pred, target)
+    return psnr(np.clip(p, lo, hi), np.clip(t, lo, hi), data_range=hi - lo, mask=mask)
+
+
+def windowed_ssim(pred, target, window: tuple[float, float], mask=None) -> float:
+    """:func:`ssim3d` of both images clipped to ``window``, data range = its width."""
+    lo, hi = (float(w) for w in window)
+    p, t = _pair(pred, target)
+    return ssim3d(np.clip(p, lo, hi), np.clip(t, lo, hi), data_range=hi - lo, mask=mask)
+
+
+def rms_difference(a, b, mask=None) -> float:
+    """Root-mean-square of ``a - b`` (over ``mask`` when given), in the images' units."""
+    p, t = _pair(a, b)
+    m = _mask(mask, p.shape)
+    d = (p - t) if m is None else (p - t)[m]
+    return float(np.sqrt(np.mean(d * d)))
+
+
+def gradient_magnitude(image, spacing_kji) -> np.ndarray:
+    """|grad| in units per mm (central differences, one-sided at the faces), same shape."""
+    x = np.asarray(image, dtype=np.float64)
+    parts = np.gradient(x, *[float(s) for s in spacing_kji])
+    return np.sqrt(sum(g * g for g in parts))
+
+
+def edge_mask(truth, spacing_kji, mask=None, quantile: float = 0.9) -> np.ndarray:
+    """The truth's edges: voxels whose gradient magnitude is at or above its ``quantile``
+    (within ``mask`` when given) and above zero."""
+    g = gradient_magnitude(truth, spacing_kji)
+    m = _mask(mask, g.shape)
+    values = g if m is None else g[m]
+    level = float(np.quantile(values, quantile))
+    edges = (g >= level) & (g > 0)
+    return edges if m is None else edges & m
+
+
+def edge_sharpness_ratio(output, truth, spacing_kji, edges) -> float:
+    """Mean gradient magnitude of ``output`` over the truth's ``edges`` divided by the truth's:
+    1 keeps edges as sharp as the truth, < 1 blurs them, > 1 adds noise or ringing there."""
+    p, t = _pair(output, truth)
+    e = _mask(edges, p.shape)
+    return float(gradient_magnitude(p, spacing_kji)[e].mean() / gradient_magnitude(t, spacing_kji)[e].mean())
+
+
+def slab_means(thin, factor: int) -> np.ndarray:
+    """Means of ``factor`` consecutive slices along axis 0 (k); trailing slices dropped."""
+    x = np.asarray(thin, dtype=np.float64)
+    n = x.shape[0] // int(factor)
+    return x[: n * factor].reshape(n, int(factor), *x.shape[1:]).mean(axis=1)
+
+
+def slab_mean_error(thin, thick, factor: int, mask=None) -> tuple[float, float]:
+    """How well thin slices explain thick ones: (max |error|, RMS error) of
+    ``slab_means(thin, factor) - thick`` over ``mask`` (on the thick grid) when given."""
+    means = slab_means(thin, factor)
+    p, t = _pair(means, np.asarray(thick)[: means.shape[0]])
+    m = _mask(None if mask is None else np.asarray(mask)[: means.shape[0]], p.shape)
+    d = np.abs(p - t) if m is None else np.abs(p - t)[m]
+    return float(d.max()), float(np.sqrt(np.mean(d * d)))
+
+
+# ------------------------------------------------------------------------------ masks and regions
+def region_contrast(image, inside, ring) -> dict[str, float]:
+    """Mean of ``image`` in ``inside`` minus the mean of ``ring`` (``contrast``), the two
+    standard deviations and their ratio (``std_ratio`` = std inside / std ring)."""
+    x = np.asarray(image, dtype=np.float64)
+    a, r = np.asarray(inside, dtype=bool), np.asarray(ring, dtype=bool)
+    if not a.any() or not r.any():
+        raise ValueError("region_contrast needs a non-empty region and ring")
+    std_in, std_ring = float(x[a].std()), float(x[r].std())
+    return {"contrast": float(x[a].mean() - x[r].mean()), "std_inside": std_in, "std_ring": std_ring,
+            "std_ratio": std_in / std_ring if std_ring > 0 else float("inf")}
+
+
+def threshold_dice(image, target, ring, near) -> float:
+    """Dice against ``target`` of a threshold segmentation: voxels of ``near`` whose value
+    differs from the ``ring`` mean, in the direction of ``target``'s contrast, by more than
+    half that contrast (0 when there is no contrast)."""
+    x = np.asarray(image, dtype=np.float64)
+    target = np.asarray(target, dtype=bool)
+    ring_mean = float(x[np.asarray(ring, dtype=bool)].mean())
+    contrast = float(x[target].mean()) - ring_mean
+    if not np.isfinite(contrast) or contrast == 0.0:
+        return dice(np.zeros_like(target), target)
+    seg = np.asarray(near, dtype=bool) & (np.sign(contrast) * (x - ring_mean) > abs(contrast) / 2.0)
+    return dice(seg, target)
+
+
+def identical_fraction(a, b, mask) -> float:
+    """Fraction of voxels in ``mask`` whose float32 bit patterns are equal in both images."""
+    x = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    y = np.ascontiguousarray(b, dtype=np.float32).view(np.uint32)
+    m = np.asarray(mask, dtype=bool)
+    return 1.0 if not m.any() else float(np.mean(x[m] == y[m]))

@@ -184,25 +184,24 @@ def test_train_then_synthesize(tmp_path, capsys):
     pytest.importorskip("MedDiffFMLib.phantoms")
     run = tmp_path / "run"
     rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2", "--phantom-fov",
-                          "64", "80", "80", "--phantom-max-voxels", "20000", "--steps", "2", "--batch-size", "1",
-                          "--out", str(run), "--device", "cpu", "--no-progress"], capsys)
+                          "64", "80", "80", "--steps", "2", "--batch-size", "1", "--out", str(run), "--device", "cpu",
+                          "--no-progress"], capsys)
     assert rc == 0
     assert "2 steps" in stdout
     assert (run / "model" / "config.json").is_file() and (run / "model" / "model.safetensors").is_file()
     out = tmp_path / "synthetic.nii.gz"
     rc, stdout, _ = _run(["synthesize", "--model", str(run / "model"), "--region", "abdomen", "--steps", "2",
-                          "--shape", "16", "16", "16", "--spacing", "8", "8", "8", "--device", "cpu", "--quiet",
-                          "-o", str(out)], capsys)
+                          "--spacing", "6", "7", "8", "--device", "cpu", "--quiet", "-o", str(out)], capsys)
     assert rc == 0
     vol = io.read_volume(out)
-    assert vol.shape == (16, 16, 16)
-    np.testing.assert_allclose(vol.spacing_kji, [8.0, 8.0, 8.0])
+    assert vol.shape == (16, 16, 16)  # one window of the model by default, at the spacing given
+    np.testing.assert_allclose(vol.spacing_kji, [6.0, 7.0, 8.0])
     assert np.isfinite(vol.array).all()
 
     # and training continues from where it stopped
     rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2", "--phantom-fov",
-                          "64", "80", "80", "--phantom-max-voxels", "20000", "--steps", "3", "--batch-size", "1",
-                          "--out", str(run), "--device", "cpu", "--no-progress", "--resume"], capsys)
+                          "64", "80", "80", "--steps", "3", "--batch-size", "1", "--out", str(run), "--device", "cpu",
+                          "--no-progress", "--resume"], capsys)
     assert rc == 0 and "3 steps" in stdout
 
 

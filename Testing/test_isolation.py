@@ -98,3 +98,30 @@ def test_the_static_check_sees_every_import_form(tmp_path):
     sample.write_text("import os, slicer\nfrom vtk.util import numpy_support\nimport qt as Qt\n"
                       "def f():\n    import ctk\n    importlib.import_module('vtkmodules.all')\n", encoding="utf-8")
     assert _imported_roots(sample) == {"os", "slicer", "vtk", "qt", "ctk", "vtkmodules"}
+
+
+INFERENCE_WITHOUT_TRAINING = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from MedDiffFMLib.tasks import TaskRequest, run_task
+    from MedDiffFMLib.phantoms import make_phantom
+
+    ph = make_phantom("abdomen", shape_kji=(6, 16, 16), spacing_kji=(2.5, 0.8, 0.8), seed=3, noise_hu=15.0,
+                      lesions=1)
+    for task in ("denoise", "anomaly"):
+        run_task(task, TaskRequest(image=ph.volume(), region="abdomen", params={{"steps": 1}}), {model!r},
+                 device="cpu")
+    loaded = sorted(m for m in sys.modules if m in ("MedDiffFMLib.training", "MedDiffFMLib.finetune"))
+    print("LOADED", loaded)
+    """
+)
+
+
+def test_inference_never_imports_the_training_code(tiny_model_dir):
+    code = INFERENCE_WITHOUT_TRAINING.format(model=str(tiny_model_dir))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout, proc.stdout

@@ -341,20 +341,20 @@ def test_coarse_to_fine_on_a_volume_larger_than_a_window(tiny_predictor):
     shape = (24, 16, 20)
     rec = Recorder(tiny_predictor)
     reports = []
-    sampler = PatchSampler(rec, SamplerOptions(steps=2, seed=5))
+    sampler = PatchSampler(rec, SamplerOptions(steps=5, seed=5))
     cond = Condition(spacing=(2.5, 0.8, 0.7), region=3)
     out, coarse = coarse_to_fine(sampler, cond, shape, refine_fraction=0.4, gen=sampler.generator(),
                                  progress=reports.append, stage="synthesis")
     assert out.shape == coarse.shape == shape and torch.isfinite(out).all() and not torch.equal(out, coarse)
     windows = rec.windows()
-    # whole volume: two steps on one window spanning the whole volume, told its coarse voxel size
-    for x, coords, *_ in windows[:2]:
+    # whole volume: five steps on one window spanning the whole volume, told its coarse voxel size
+    for x, coords, *_ in windows[:5]:
         assert x.shape == (16, 16, 16)
         torch.testing.assert_close(coords, _global_coords((16, 16, 16)))
     coarse_spacing = rec.calls[0]["spacing"][0]
     torch.testing.assert_close(coarse_spacing, torch.tensor([2.5 * 24 / 16, 0.8, 0.7 * 20 / 16]))
-    # refinement: windows on the full grid at its own voxel size, from 0.4 T down
-    refine = windows[2:]
+    # refinement: windows on the full grid at its own voxel size, from 0.4 T down in 0.4 x 5 steps
+    refine = windows[5:]
     n = len(sampler.layout(shape))
     assert len(refine) == 2 * n and n > 1
     assert max(w[4] for w in refine) == round(0.4 * 999)

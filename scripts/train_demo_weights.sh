@@ -1,32 +1,35 @@
 #!/usr/bin/env bash
-# Re-trains the bundled demo weights from scratch on synthetic phantoms, on the CPU, with the
-# exact settings recorded in Resources/models/MODEL_CARD.md (the step counts are the ones the
-# shipped weights reached within their time budgets; resume is exact, so one uninterrupted run
-# of that many steps reproduces them). About 1.5 hours on 2 CPU cores with OMP_NUM_THREADS=1
-# per process; on a GPU pass --device cuda (and more --steps).
+# Re-trains the bundled demo weights (v2, voxel-size conditioned) on synthetic phantoms on the
+# CPU, with the settings recorded in Resources/models/MODEL_CARD.md. Each run stops after its
+# time budget (--max-minutes) and saves; resume is exact, so `--resume` with a larger budget
+# continues a campaign where it stopped (the state lives in $OUT/<run>/training_state).
+# Two single-threaded processes side by side beat one with two threads on a 2-core machine;
+# on a GPU pass --device cuda (and more --steps).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" ""
 set -x
 OUT=${OUT:-runs}
-# 1. foundation model: 60 phantoms (seeds 0-59, 20 per region), 4 mm voxels, 32^3 windows
+RESUME=${RESUME:-}   # set RESUME=--resume to continue the runs in $OUT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-meddiff-fm train --preset small --phantoms 60 --phantom-seed 0 --steps 3423 --batch-size 2 --lr 4e-4 \
-    --ema-decay 0.995 --checkpoint-every 100 --seed 0 --device cpu --out "$OUT/base"
-meddiff-fm export "$OUT/base/model" --fp16 --to Resources/models/meddifffm-demo-base --register \
-    --id meddifffm-demo-base --version "demo-1" --default --min-gpu-memory-gb 1 \
-    --description "Demo foundation model trained on synthetic phantoms (4 mm, CPU). Not for clinical use."
-# 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256
-#    (the two runs are independent: run them side by side, one core each)
-meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --factor 3 1 1 \
-    --phantoms 60 --phantom-seed 0 --steps 1830 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
-    --checkpoint-every 100 --seed 1 --device cpu --out "$OUT/superres" &
-meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 \
-    --phantoms 60 --phantom-seed 2000 --steps 1842 --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
-    --checkpoint-every 100 --seed 2 --device cpu --out "$OUT/lesion" &
+# 1. foundation model: 60 phantoms (seeds 0-59) on random clinical grids (0.6-3 mm in-plane,
+#    0.5-5 mm slices), 32^3 windows, warm-started from the v1 weights (new voxel-size input
+#    channels start at zero), CPU bf16 autocast with channels_last_3d
+meddiff-fm train --preset small --phantoms 60 --phantom-seed 0 --steps 20000 --max-minutes ${BASE_MINUTES:-55} \
+    --batch-size 2 --lr 2e-4 --ema-decay 0.995 --checkpoint-every 100 --seed 0 --device cpu --precision bf16 \
+    --out "$OUT/base_v2" ${RESUME:---init-from ${V1_BASE:-Resources/models/meddifffm-demo-base}}
+meddiff-fm export "$OUT/base_v2/model" --fp16 --to Resources/models/meddifffm-demo-base --register \
+    --id meddifffm-demo-base --version "demo-2" --default --min-gpu-memory-gb 1 \
+    --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
+# 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
+#    super-resolution over factors 2-6 on thin-slice phantoms, and lesions (side by side, one core each)
+meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --phantoms 40 --phantom-seed 0 \
+    --steps 20000 --max-minutes ${CN_MINUTES:-42} --batch-size 2 --lr 4e-4 --ema-decay 0.99 --checkpoint-every 100 \
+    --seed 1 --device cpu --precision bf16 --out "$OUT/superres_v2" $RESUME &
+meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 \
+    --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-42} --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
+    --checkpoint-every 100 --seed 2 --device cpu --precision bf16 --out "$OUT/lesion_v2" $RESUME &
 wait
 for task in superres lesion; do
-    meddiff-fm export "$OUT/$task/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
-        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "demo-1" --min-gpu-memory-gb 1 \
-        --description "Demo $task ControlNet trained on synthetic phantoms (4 mm, CPU). Not for clinical use."
+    meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
+        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "demo-2" --min-gpu-memory-gb 1 \
+        --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
 done
-# 3. the model card's table
-meddiff-fm benchmark --cases 6 --markdown Resources/models/benchmark.md --output Resources/models/benchmark.json

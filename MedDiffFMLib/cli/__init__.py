@@ -38,12 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="meddiff-fm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and onnxruntime (default 0: "
+                        "OMP_NUM_THREADS, else the CPUs this process may use, shared among torchrun's processes)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     train.add_commands(sub)
     for spec in TASKS.values():
         tasks.add_task_command(sub, spec)
     models.add_commands(sub)
     tools.add_commands(sub)
+    from .. import batch, onnx_backend  # their commands live with their code
+
+    batch.add_cli(sub)
+    onnx_backend.add_cli(sub)
     return parser
 
 
@@ -61,6 +67,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|monai|nibabel)\b")
+            if args.threads < 0:
+                raise errors.UsageError(f"--threads must be >= 0, got {args.threads}")
+            from ..threads import set_threads
+
+            set_threads(args.threads)
             code = int(args.func(args) or 0)
             errors.hold_signals()  # done: a signal from here on must not report "nothing written"
             late = errors.signal_received_after_commit()

@@ -31,33 +31,12 @@ def add_commands(sub) -> None:
     add_run_options(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("benchmark", help="measure every task on held-out phantoms against classical baselines",
-                       description="Denoising, anomaly detection, synthesis, super-resolution, inpainting and lesion "
-                                   "generation on held-out phantoms (seeds >= 100000; training uses < 10000) at the "
-                                   "model's spacing, next to simple baselines. Prints the table (mean +- std over "
-                                   "cases), writes JSON and optionally Markdown. Progress goes to stderr.")
-    p.add_argument("--model", default=None, help="foundation model directory or registry id (default: the registry's)")
-    p.add_argument("--superres-controlnet", default=None, help="superres ControlNet (default: the registered one; "
-                   "rows skipped when none)")
-    p.add_argument("--lesion-controlnet", default=None, help="lesion ControlNet for inpainting and lesion generation "
-                   "(default: the registered one; rows skipped when none)")
-    p.add_argument("--cases", type=int, default=3, help="phantoms per task, regions cycling (default 3)")
-    p.add_argument("--seed-start", type=int, default=100_000, help="first phantom seed (default 100000)")
-    p.add_argument("--steps", nargs="+", default=None, metavar="N|TASK=N",
-                   help="reverse steps: one number for every task, or per task (denoise=10 anomaly=20 ...); "
-                        "default: each task's own")
-    p.add_argument("--tasks", default=",".join(("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")),
-                   help="comma-separated sections (default: all six)")
-    p.add_argument("--fov", type=float, nargs=3, default=(192.0, 256.0, 256.0), metavar=("K_MM", "J_MM", "I_MM"),
-                   help="phantom field of view in mm (default 192 256 256, as in training)")
-    p.add_argument("--noise-levels", type=float, nargs="+", default=(25.0, 40.0), help="denoising noise, HU")
-    p.add_argument("--no-bm4d", action="store_true", help="skip BM4D even when the bm4d package is installed")
-    p.add_argument("--no-nlm", action="store_true", help="skip non-local means")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("-o", "--output", default="benchmark_results.json", help="JSON results (default "
-                   "benchmark_results.json)")
-    p.add_argument("--markdown", default=None, help="also write the table as Markdown here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    from ..benchmark.cli import DESCRIPTION as BENCHMARK_DESCRIPTION
+    from ..benchmark.cli import add_arguments as add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="measure every task at clinical grids against classical baselines",
+                       description=BENCHMARK_DESCRIPTION)
+    add_benchmark_arguments(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("phantom", help="write a synthetic CT phantom (image, labels, lesion mask)")
@@ -113,26 +92,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    import json
+    from .. import benchmark
 
-    from .. import benchmark as bm
-
-    if args.cases < 1:
-        raise UsageError(f"--cases must be >= 1, got {args.cases}")
-    planned = [Planned(Path(args.output), "--output")]
-    if args.markdown:
-        planned.append(Planned(Path(args.markdown), "--markdown"))
-    check_paths(planned, {})
-    opts = bm.BenchmarkOptions(cases=args.cases, seed_start=args.seed_start, tasks=args.tasks, fov_mm=args.fov,
-                               noise_levels_hu=args.noise_levels, steps=bm.parse_steps(args.steps),
-                               device=check_device(args.device), bm4d=not args.no_bm4d, nlm=not args.no_nlm,
-                               progress=not args.quiet)
-    result = bm.run_benchmark(args.model, superres_controlnet=args.superres_controlnet,
-                              lesion_controlnet=args.lesion_controlnet, options=opts)
-    files = [(Path(args.output), json.dumps(bm.to_jsonable(result), indent=1, allow_nan=False) + "\n", None)]
-    if args.markdown:
-        files.append((Path(args.markdown), bm.format_markdown(result), None))
-    written = write_all(files)
-    print(bm.format_table(result))
-    print("\n" + "\n".join(f"wrote {w}" for w in written))
-    return 0
+    return benchmark.main(args)

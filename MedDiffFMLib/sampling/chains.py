@@ -214,8 +214,8 @@ def coarse_to_fine(sampler: PatchSampler, cond: Condition, shape: Sequence[int],
     The whole volume is resized to one window (the image level of training: the voxel-size
     condition says how coarse), sampled there from pure noise or, given ``x0``, from ``x0``
     diffused to ``coarse_t_start``; the result is resized back and refined on the full grid
-    from ``refine_fraction`` of T (0: no refinement). A volume that fits one window is
-    sampled once, at full resolution.
+    from ``refine_fraction`` of T (0: no refinement) with that fraction of the steps. A volume
+    that fits one window is sampled once, at full resolution.
 
     Returns:
         (the refined result, the coarse result resized to ``shape``).
@@ -243,6 +243,8 @@ def coarse_to_fine(sampler: PatchSampler, cond: Condition, shape: Sequence[int],
     if fits or refine_fraction <= 0:
         return coarse, coarse
     t_refine = int(round(refine_fraction * (T - 1)))
-    fine = partial_diffusion(sampler.denoiser(cond, shape), sched, coarse, t_refine, opts.steps, gen=gen, eta=eta,
+    # the refinement keeps the step density of the whole chain: a fraction of T, that fraction of the steps
+    fine_steps = max(1, int(round(opts.steps * refine_fraction)))
+    fine = partial_diffusion(sampler.denoiser(cond, shape), sched, coarse, t_refine, fine_steps, gen=gen, eta=eta,
                              clip_x0=opts.clip_x0, progress=rest, cancel=cancel, stage=f"{stage} (refinement)")
     return fine, coarse

@@ -70,10 +70,10 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
     check_request(task, request)  # types and values before the inputs are locked or any work
     params = check_params(task, request.params)
     mod = importlib.import_module(f".{spec.module}", __name__)
-    dev = resolve_device(device)
+    dev = resolve_device(device, params["backend"])
     models = Models.resolve(spec, model, controlnet)
     plan = mod.prepare(request, params, models)
-    predictor = load_predictor(models, dev)
+    predictor = load_predictor(models, dev, params["backend"], device)
     cancel_flag = as_cancel_flag(cancel)
     guard = _InputGuard(request)
     batch = params["batch_size"]

@@ -26,9 +26,15 @@ from .registry import TaskSpec
 MAX_VOXELS = 400_000_000
 
 
-def resolve_device(device: str = "auto"):
-    """'auto' -> the first CUDA GPU when there is one, else the CPU; 'cuda[:N]' or 'cpu' as given."""
+def resolve_device(device: str = "auto", backend: str = "torch"):
+    """'auto' -> the first CUDA GPU when there is one, else the CPU; 'cuda[:N]' or 'cpu' as given.
+    With the onnx backend: where the sampler's tensors live (``onnx_backend.sampler_device``)."""
     import torch
+
+    if backend == "onnx":
+        from ..onnx_backend import sampler_device
+
+        return sampler_device(device)
 
     name = (device or "auto").strip().lower()
     if name == "auto":
@@ -96,8 +102,14 @@ _CACHE: dict[tuple, object] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(models: Models, device):
-    """Load (or reuse, for batch loops) the base model and optional ControlNet on ``device``."""
+def load_predictor(models: Models, device, backend: str = "torch", requested_device: str = "auto"):
+    """Load (or reuse, for batch loops) the base model and optional ControlNet on ``device``;
+    with ``backend="onnx"`` an onnxruntime session of the same network (``requested_device``
+    picks its execution provider)."""
+    if backend == "onnx":
+        from ..onnx_backend import load_onnx_predictor
+
+        return load_onnx_predictor(models.base_dir, models.controlnet_dir, requested_device)
     from .. import weights
     from ..checkpoint import load_base, load_controlnet
     from ..networks import NoisePredictor

@@ -23,9 +23,7 @@ def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
     from ..sampling import repaint
 
     p, image, mask = plan.params, plan.image, plan.mask
-    dev = sampler.device
-    y = torch.from_numpy(plan.unit_box).to(dev)
-    m = torch.from_numpy(mask[plan.box]).to(dev)
+    y, m = plan.box_tensors(sampler.device)
     control = lesion_condition(y, m if p["content"] == "lesion" else torch.zeros_like(m))
     control[1] = y * (~m).float()  # the blanked channel never leaks the content being replaced
     x, n_down = repaint(sampler.denoiser(plan.condition(control), y.shape), sampler.schedule, y, ~m, p["steps"],

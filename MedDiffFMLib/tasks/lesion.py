@@ -44,6 +44,12 @@ class LocalPlan:
                          anatomy=torch.from_numpy(self.groups_box) if self.groups_box is not None else None,
                          control=control, coord_range=coord_range(self.box, self.image.shape))
 
+    def box_tensors(self, device):
+        """(image in model units, mask) inside the box, as tensors on ``device``."""
+        import torch
+
+        return torch.from_numpy(self.unit_box).to(device), torch.from_numpy(self.mask[self.box]).to(device)
+
     def paste(self, generated_unit: np.ndarray) -> np.ndarray:
         """The input with the generated box content inside the mask, in HU; outside the mask
         the input's values bit for bit."""
@@ -76,15 +82,11 @@ prepare = prepare_local
 
 
 def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
-    import torch
-
     from ..conditions import lesion_condition
     from ..sampling import partial_diffusion
 
     p, image, mask = plan.params, plan.image, plan.mask
-    dev = sampler.device
-    y = torch.from_numpy(plan.unit_box).to(dev)
-    m = torch.from_numpy(mask[plan.box]).to(dev)
+    y, m = plan.box_tensors(sampler.device)
     T = sampler.schedule.num_train_timesteps
     t_start = int(round(p["noise_fraction"] * (T - 1)))
     den = sampler.denoiser(plan.condition(lesion_condition(y, m)), y.shape)

@@ -176,6 +176,8 @@ COMMON_PARAMS: dict[str, ParamSpec] = {
     "batch_size": ParamSpec(int, 4, "windows per network call (memory bound)", minimum=1, maximum=256),
     "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it), fp32, bf16 or fp16",
                            ("auto", "fp32", "bf16", "fp16")),
+    "backend": ParamSpec(str, "torch", "network runtime: torch, or onnx (onnxruntime; its CUDA provider with "
+                                       "onnxruntime-gpu)", ("torch", "onnx")),
 }
 
 
