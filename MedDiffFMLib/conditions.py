@@ -57,15 +57,19 @@ def slab_interpolate(thick: torch.Tensor, factor: int) -> torch.Tensor:
     return thick[lo] * (1 - w) + thick[hi] * w
 
 
-def project_slab_means(x: torch.Tensor, thick: torch.Tensor, factor: int) -> torch.Tensor:
+def project_slab_means(x: torch.Tensor, thick: torch.Tensor, factor: int,
+                       where: torch.Tensor | None = None) -> torch.Tensor:
     """The orthogonal projection of ``x`` (n * f, H, W) onto {slab means equal ``thick``}: each
     slab is shifted by its own residual. Computed in float64, so the slab means of the result
     equal ``thick`` to float32 rounding. Because the true thin image lies in that set, the
-    projection never moves an estimate further from it."""
+    projection never moves an estimate further from it (in HU, L2). ``where`` (n, H, W) bool
+    limits it to some slabs; the others keep ``x``."""
     f = int(factor)
     n = thick.shape[0]
     xd = x[: n * f].double()
     resid = thick.double() - xd.reshape(n, f, *x.shape[1:]).mean(dim=1)
+    if where is not None:
+        resid = resid * where.to(resid.dtype)
     out = x.clone()
     out[: n * f] = (xd + resid.repeat_interleave(f, dim=0)).to(x.dtype)
     return out

@@ -12,12 +12,17 @@ corner fixed, so the thin slices subdivide the thick slabs exactly.
      slices (one level thicker) and is compared with the input, which is the truth there;
      the model's detail is kept in the proportion that check supports (the least-squares
      weight, in [0, 1]): weights that lose to interpolation contribute nothing;
-   * **slab consistency**: the result is projected onto "slab means equal the input" (an
-     orthogonal projection onto a set holding the truth: it never moves an estimate away
-     from it), so the output explains the input to float32 rounding, on any grid.
+   * **slab consistency**: wherever the thick value lies inside the intensity window, the
+     result is projected onto "slab means equal the input" (an orthogonal projection onto a
+     set holding the truth: it never moves an estimate away from it, in HU), so the output
+     explains the input to float32 rounding, on any grid. Slabs whose mean is outside the
+     window (bone, air) keep the interpolation: spreading their residual over the slab
+     would shift in-window voxels by errors that come from out-of-window ones (measured on
+     18 small phantoms at factors 2-5: projecting every slab was down to 0.29 dB below
+     linear interpolation in windowed PSNR; projecting in-window slabs only, 0.17 dB at worst
+     and +0.35 dB on average).
 
-So the output is never worse than the slab-consistent interpolation on the check, and that
-interpolation is never further from the truth than plain linear interpolation.
+So the output is never worse than the slab-consistent interpolation on the check.
 """
 
 from __future__ import annotations
@@ -125,6 +130,11 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
     return torch.where(outside, interp_hu.double(), model_hu), interp_hu.double()
 
 
+def _in_window(thick, plan: Plan):
+    lo, hi = preprocessing.window_bounds(plan.region)
+    return (thick > lo) & (thick < hi)
+
+
 def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     import torch
 
@@ -146,7 +156,7 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         model_v, interp_v = _model_pass(sampler, plan, slab_means(target, f).float(), tuple(sp), groups,
                                         (0, image.shape[0]), sampler.generator(1),
                                         split_progress(progress, 0.0, share), cancel)
-        resid = target - project_slab_means(interp_v, slab_means(target, f), f)
+        resid = target - project_slab_means(interp_v, slab_means(target, f), f, _in_window(slab_means(target, f), plan))
         detail = _detail(model_v, interp_v, f)
         energy = float((detail * detail).sum())
         weight = float(np.clip(float((detail * resid).sum()) / energy, 0.0, 1.0)) if energy > 0 else 0.0
@@ -155,9 +165,10 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         main_progress = split_progress(progress, share, 1.0)
     model_hu, interp_hu = _model_pass(sampler, plan, thick.float(), (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
                                       sampler.generator(), main_progress, cancel)
-    out = project_slab_means(interp_hu, thick, f) + weight * _detail(model_hu, interp_hu, f)
+    out = project_slab_means(interp_hu, thick, f, _in_window(thick, plan)) + weight * _detail(model_hu, interp_hu, f)
     out32 = out.float().cpu().numpy()
-    slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy()).max())
+    inside = _in_window(thick, plan).cpu().numpy()
+    slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy())[inside].max(initial=0.0))
     spacing = ", ".join(f"{s:.3g}" for s in (sp[2], sp[1], sp[0] / f))
     scores = {"factor": float(f), "model_weight": weight, "slab_mean_error_hu": slab_error,
               "start_timestep": float(plan.t_start)}
