@@ -18,10 +18,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import modelformat
+from .modelformat import FORMAT
 from .weights import sha256_file  # noqa: F401 (part of this module's API)
 from .networks import ControlNetConfig, FoundationUNet, ModelConfig, NoisePredictor, TaskControlNet
 
-FORMAT = "meddiff-fm/1"
 PathLike = Union[str, os.PathLike]
 
 
@@ -84,6 +85,10 @@ def save_model(directory: PathLike, config: Union[ModelConfig, ControlNetConfig]
     cfg["format"] = FORMAT
     if extra:
         cfg["meta"] = extra
+    try:
+        modelformat.check_config(json.loads(json.dumps(cfg)), directory / "config.json")
+    except modelformat.ModelFormatError as e:
+        raise CheckpointError(str(e)) from None
     with _atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "kind": cfg["kind"]})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -91,6 +96,13 @@ def save_model(directory: PathLike, config: Union[ModelConfig, ControlNetConfig]
 
 
 def read_config(directory: PathLike) -> dict:
+    """The checked ``config.json`` of a model directory (every key and type, see
+    :mod:`MedDiffFMLib.modelformat`).
+
+    Raises:
+        CheckpointError: a missing file or folder, invalid JSON, or a key that is missing,
+            unknown or of the wrong type (the message names the file and the key).
+    """
     directory = Path(directory)
     path = directory / "config.json"
     if not directory.is_dir():
@@ -100,19 +112,31 @@ def read_config(directory: PathLike) -> dict:
     if not (directory / "model.safetensors").is_file():
         raise CheckpointError(f"{directory} has no model.safetensors")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported format {cfg.get('format')!r} (expected {FORMAT!r})")
-    return cfg
+        return modelformat.read_config_file(path)
+    except modelformat.ModelFormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def network_config(cfg: dict) -> dict:
+    """The network's own keys of a base ``config.json`` (without kind, format, meta, ...)."""
+    return {k: v for k, v in cfg.items() if k not in modelformat.FILE_KEYS}
 
 
 def _load_tensors(directory: Path) -> dict:
+    """The tensors of ``model.safetensors``; refuses a damaged layout and non-finite weights."""
+    path = directory / "model.safetensors"
     try:
-        return load_file(str(directory / "model.safetensors"))
+        modelformat.check_safetensors(path)
+        tensors = load_file(str(path))
+    except modelformat.ModelFormatError as e:
+        raise CheckpointError(str(e)) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'model.safetensors'} is corrupt or unreadable: {e}") from e
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from e
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite weights in {len(bad)} tensor(s), e.g. {bad[0]!r}; "
+                              "the file is damaged: copy or download it again")
+    return tensors
 
 
 def _load_into(module: torch.nn.Module, tensors: dict, directory: Path) -> None:
@@ -142,9 +166,8 @@ def load_base(directory: PathLike, device: str | torch.device = "cpu") -> Founda
     cfg = read_config(directory)
     if cfg.get("kind") != "base":
         raise CheckpointError(f"{directory} holds a {cfg.get('kind')!r} model, not a foundation (base) model")
-    body = {k: v for k, v in cfg.items() if k not in ("kind", "format", "meta")}
     try:
-        config = ModelConfig.from_dict(body)
+        config = ModelConfig.from_dict(network_config(cfg))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     model = FoundationUNet(config)
@@ -159,9 +182,12 @@ def load_controlnet(directory: PathLike, base_directory: PathLike, device: str |
     cfg = read_config(directory)
     if cfg.get("kind") != "controlnet":
         raise CheckpointError(f"{directory} is not a ControlNet model directory")
-    config = ControlNetConfig.from_dict(cfg)
+    try:
+        config = ControlNetConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     base_hash = sha256_file(base_directory / "model.safetensors")
-    if config.base_sha256 and config.base_sha256 != base_hash:
+    if config.base_sha256 != base_hash:
         raise CheckpointError(
             f"the ControlNet in {directory} was trained on a base model with sha256 {config.base_sha256[:12]}…, "
             f"but {base_directory} has sha256 {base_hash[:12]}…; load it with the base it was trained on")

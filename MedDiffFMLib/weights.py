@@ -37,14 +37,11 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import stat
-import struct
-import tempfile
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
+
+from . import modelformat
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -57,10 +54,8 @@ KINDS = ("base", "controlnet")
 # Files that may carry pickled code: never imported, never loaded.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".joblib")
 # Extra files an imported model directory may carry besides config.json and model.safetensors.
-_EXTRA_FILE = re.compile(r"(?i)^(readme|license|licence|notice|model_card|citation)[\w.-]*$|^[\w.-]+\.(md|txt|json)$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 class WeightsError(ValueError):
@@ -338,30 +333,13 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """A safetensors file starts with a little-endian u64 length and a JSON object header."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise WeightsError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise WeightsError(f"{path} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path} is not a safetensors file (header is not JSON)") from e
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path} is not a safetensors file (header is not an object)")
-
-
 def verify(model_dir: PathLike, expected_sha256: Optional[str] = None) -> str:
     """Check a model directory and return the SHA-256 of its weights.
 
-    Checks: ``config.json`` is a JSON object, ``model.safetensors`` has a safetensors header, no
-    pickle files are present, and the SHA-256 matches ``expected_sha256`` or, when the directory
-    name (or the config's ``id``) is a registry id, the registry's value.
+    Checks: every key and type of ``config.json`` (:func:`MedDiffFMLib.modelformat.check_config`),
+    the header and byte layout of ``model.safetensors`` (a truncated file is refused), no pickle
+    files are present, and the SHA-256 matches ``expected_sha256`` or, when the directory name
+    (or the config's ``id``) is a registry id, the registry's value.
 
     Raises:
         WeightsError: on the first problem, in words.
@@ -377,7 +355,11 @@ def verify(model_dir: PathLike, expected_sha256: Optional[str] = None) -> str:
     pickles = sorted(p.name for p in d.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise WeightsError(f"{d} contains pickle-format files {pickles}; only safetensors weights are accepted")
-    _check_safetensors_header(d / WEIGHTS_NAME)
+    try:
+        modelformat.check_config(cfg, d / CONFIG_NAME)
+        modelformat.check_safetensors(d / WEIGHTS_NAME)
+    except modelformat.ModelFormatError as e:
+        raise WeightsError(str(e)) from None
     digest = sha256_file(d / WEIGHTS_NAME)
     if expected_sha256 is None:
         for candidate in (cfg.get("id"), d.name):
@@ -392,134 +374,5 @@ def verify(model_dir: PathLike, expected_sha256: Optional[str] = None) -> str:
     return digest
 
 
-# ---------------------------------------------------------------------------------------------
-# Import
-
-
-def _safe_member_path(name: str) -> PurePosixPath:
-    """The relative path of a zip member, refusing absolute paths, drive letters and '..'."""
-    if "\x00" in name:
-        raise WeightsError(f"refusing zip member with a NUL byte: {name!r}")
-    norm = name.replace("\\", "/")
-    p = PurePosixPath(norm)
-    if norm.startswith("/") or p.is_absolute() or re.match(r"^[A-Za-z]:", norm) or ".." in p.parts:
-        raise WeightsError(f"refusing zip member outside the archive folder (path traversal): {name!r}")
-    return p
-
-
-def _extract_zip(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            rel = _safe_member_path(info.filename)
-            mode = (info.external_attr >> 16) & 0xFFFF
-            if stat.S_ISLNK(mode):
-                raise WeightsError(f"refusing symbolic link in the archive: {info.filename!r}")
-            if not rel.parts or rel.parts[0] == "__MACOSX":
-                continue
-            target = dest.joinpath(*rel.parts)
-            if not str(target.resolve()).startswith(str(dest.resolve()) + os.sep):
-                raise WeightsError(f"refusing zip member outside the archive folder: {info.filename!r}")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-
-
-def _find_model_dir(root: Path) -> Path:
-    found = sorted({p.parent for p in root.rglob(CONFIG_NAME) if (p.parent / WEIGHTS_NAME).is_file()})
-    if not found:
-        raise WeightsError(f"no model found: the archive or folder must contain {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if len(found) > 1:
-        names = [str(p.relative_to(root)) for p in found]
-        raise WeightsError(f"the archive holds several models {names}; import them one at a time")
-    return found[0]
-
-
-def _model_id_for(model_dir: Path, staging: Path, source: Path) -> str:
-    cfg = _read_config(model_dir)
-    candidates = [cfg.get("id")]
-    if model_dir != staging:
-        candidates.append(model_dir.name)
-    stem = source.name[:-4] if source.name.lower().endswith(".zip") else source.name
-    candidates.append(re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._"))
-    for c in candidates:
-        if isinstance(c, str) and _ID.match(c):
-            return c
-    raise WeightsError(f"cannot name the model from {source}: give model_id")
-
-
-def import_weights(source: PathLike, model_id: Optional[str] = None, *, overwrite: bool = True) -> Path:
-    """Copy a model (a .zip archive or a model directory) into the cache and return its directory.
-
-    The model id is ``model_id``, else the config's ``id``, else the folder name, else the archive
-    name. When the id is in the registry, the weights must match its SHA-256. The copy is atomic:
-    files are unpacked into a temporary folder inside the cache and renamed into place only after
-    they pass :func:`verify`; a failed import leaves the cache as it was.
-
-    Raises:
-        WeightsError: unreadable archive, path traversal, pickle files, missing files, checksum
-            mismatch, or an existing different model of that id when ``overwrite`` is False.
-    """
-    src = Path(source).expanduser()
-    if not src.exists():
-        raise WeightsError(f"{src} does not exist")
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
-    try:
-        staging = tmp / "unpacked"
-        staging.mkdir()
-        if src.is_dir():
-            found = _find_model_dir(src)
-            rel = found.relative_to(src)
-            copy_to = staging / (found.name if str(rel) != "." else src.name)
-            copy_to.mkdir(parents=True)
-            for f in found.iterdir():
-                if f.is_file() and (f.name in (CONFIG_NAME, WEIGHTS_NAME) or _EXTRA_FILE.match(f.name)):
-                    shutil.copy2(f, copy_to / f.name)
-                elif f.suffix.lower() in PICKLE_SUFFIXES:
-                    raise WeightsError(f"{f} is a pickle-format file; only safetensors weights are accepted")
-        elif zipfile.is_zipfile(src):
-            _extract_zip(src, staging)
-        else:
-            raise WeightsError(f"{src} is neither a model folder nor a .zip archive")
-        model_dir = _find_model_dir(staging)
-        mid = model_id or _model_id_for(model_dir, staging, src)
-        if not _ID.match(mid):
-            raise WeightsError(f"invalid model id {mid!r}")
-        entry = _registry_entry(mid)
-        digest = verify(model_dir, expected_sha256=entry.sha256 if entry is not None else None)
-        if entry is None and model_id is None:
-            # A renamed archive of a released model: recognise it by its checksum.
-            same = [e for e in load_registry()[0] if e.sha256 == digest]
-            if same:
-                mid = same[0].id
-        target = root / mid
-        if target.exists():
-            if _is_model_dir(target) and sha256_file(target / WEIGHTS_NAME) == digest:
-                return target  # same weights already installed
-            if not overwrite:
-                raise WeightsError(f"a different model named {mid!r} is already in {root}; remove it first")
-            old = tmp / "previous"
-            os.replace(target, old)
-            try:
-                os.replace(model_dir, target)
-            except OSError:
-                os.replace(old, target)  # put the previous model back
-                raise
-            return target
-        os.replace(model_dir, target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_model(model_id: str) -> None:
-    """Delete a model from the cache (bundled models are never touched)."""
-    if not _ID.match(model_id):
-        raise WeightsError(f"invalid model id {model_id!r}")
-    target = cache_dir() / model_id
-    if target.is_dir():
-        shutil.rmtree(target)
+# Import and removal live in weights_import (re-exported here: ``weights.import_weights``).
+from .weights_import import import_weights, remove_model  # noqa: E402,F401

@@ -216,7 +216,8 @@ def test_controlnet_for_another_base_configuration_is_refused(tmp_path, make_tin
     base = make_tiny_model()
     other = make_tiny_model(coord_frequencies=3)
     base_dir = save_model(tmp_path / "base", base.cfg, base.state_dict())
-    cn_cfg = ControlNetConfig("superres", 1, other.cfg)  # no hash recorded: the config check must catch it
+    # the right base's hash, but built on another base configuration: the config check must catch it
+    cn_cfg = ControlNetConfig("superres", 1, other.cfg, base_sha256=sha256_file(base_dir / "model.safetensors"))
     cn = TaskControlNet(cn_cfg)
     cn_dir = save_model(tmp_path / "cn", cn_cfg, cn.state_dict())
     with pytest.raises(CheckpointError, match="different base configuration"):

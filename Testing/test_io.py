@@ -225,7 +225,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import MedDiffFMLib.io as mio
+    import MedDiffFMLib.io.write as mio
 
     target = tmp_path / "out.nrrd"
     write_volume(target, Volume(_image(), GEOMETRIES["oblique"]))

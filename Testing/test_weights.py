@@ -21,9 +21,16 @@ def fake_safetensors(path: Path, payload: bytes = b"\x00" * 16) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
 
 
+# A valid foundation config.json (every required key; the weights are fake bytes).
+BASE_CONFIG = {"kind": "base", "format": "meddiff-fm/1", "name": "tiny", "window": 16, "spacing_range_mm": [0.5, 8.0],
+               "channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
+               "norm_num_groups": 8, "coord_frequencies": 2, "num_regions": 3, "anatomy_channels": 14,
+               "num_train_timesteps": 1000, "schedule": "cosine"}
+
+
 def make_model(d: Path, payload: bytes = b"\x01" * 16, **config) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({"kind": "base", "format": "meddiff-fm/1", **config}), encoding="utf-8")
+    (d / "config.json").write_text(json.dumps({**BASE_CONFIG, **config}), encoding="utf-8")
     fake_safetensors(d / "model.safetensors", payload)
     return d
 
@@ -58,6 +65,12 @@ def test_shipped_registry_is_valid():
         assert "TODO" not in json.dumps(e.__dict__, default=str).upper()
         if e.path is not None:
             d = path.parent / e.path
+            config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+            if "spacing_mm" in config.get("base", {}):
+                # a ControlNet trained on a fixed-grid (v1) base: refused with the reason, not loaded
+                with pytest.raises(WeightsError, match=r"fixed-grid \(v1"):
+                    weights.verify(d, e.sha256)
+                continue
             assert weights.verify(d, e.sha256) == e.sha256
     assert default is None or default in {e.id for e in entries}
 

@@ -64,9 +64,10 @@ def run_task(task: str, request: TaskRequest, model: Optional[str | os.PathLike]
 
     from .common import Models, load_predictor, resolve_device, sampler_for
 
+    from ..preflight import check_request
+
     spec = task_spec(task)
-    if not isinstance(request, TaskRequest):
-        raise ValueError(f"request must be a TaskRequest, got {type(request).__name__}")
+    check_request(task, request)  # types and values before the inputs are locked or any work
     params = check_params(task, request.params)
     mod = importlib.import_module(f".{spec.module}", __name__)
     dev = resolve_device(device, params["backend"])
