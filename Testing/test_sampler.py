@@ -417,3 +417,29 @@ def test_every_window_is_told_the_clamped_voxel_size(tiny_predictor):
     assert len(rec.calls) > 1
     for c in rec.calls:
         assert torch.equal(c["spacing"], torch.tensor([[hi, 0.8, lo]] * c["x"].shape[0]))
+
+
+# ------------------------------------------------------------------------------- (11) precision, compile
+def test_cpu_bf16_sampling_is_close_to_fp32(tiny_predictor):
+    shape = (20, 16, 16)
+    x = _noise(shape, 6)
+    ref = PatchSampler(tiny_predictor, SamplerOptions()).predict_eps(x, 300, Condition(region=2))
+    low = PatchSampler(tiny_predictor, SamplerOptions(precision="bf16")).predict_eps(x, 300, Condition(region=2))
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)  # really ran in bf16
+    rel = float((low - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+    assert rel < 0.05, rel
+
+
+def test_compile_option_compiles_the_network_once(tiny_predictor, monkeypatch):
+    compiled = []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return Recorder(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    a = PatchSampler(tiny_predictor, SamplerOptions(compile=True))
+    b = PatchSampler(tiny_predictor, SamplerOptions(compile=True))
+    assert compiled == [tiny_predictor] and a.predictor is b.predictor
+    a.predict_eps(_noise((16, 16, 16)), 10, Condition())
+    assert len(a.predictor.calls) == 1

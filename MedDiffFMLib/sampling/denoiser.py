@@ -15,6 +15,7 @@ but the final result crosses back to the host.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -42,8 +43,10 @@ class SamplerOptions:
         overlap: fraction of a window shared with its neighbour, in [0, 1).
         batch_size: windows per network call: the memory bound.
         seed: seeds all noise; the same seed gives the same result on every device.
-        precision: "fp32", "bf16" or "fp16" (autocast; reduced precision only on CUDA).
+        precision: "fp32", "bf16" or "fp16" (autocast; fp16 only on CUDA; bf16 on the CPU
+            also puts the windows in channels_last_3d).
         clip_x0: clip the clean estimate to [-1, 1] at every step.
+        compile: run the network through ``torch.compile``.
     """
 
     steps: int = 50
@@ -57,6 +60,7 @@ class SamplerOptions:
     seed: int = 0
     precision: str = "fp32"
     clip_x0: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("ddim", "ddpm"):
@@ -125,6 +129,8 @@ class PatchDenoiser:
         self.device = device
         cfg = predictor.cfg
         self.layout = lay = layout
+        # bf16 on the CPU is fastest with channels-last windows (measured 1.6x on the demo network)
+        self.channels_last = device.type == "cpu" and options.precision == "bf16"
         self.shape = lay.shape
         self.windows = lay.slices
         self.single = len(self.windows) == 1
@@ -143,9 +149,11 @@ class PatchDenoiser:
             self.control = _pad(cond.control.float(), lay.padded).to(device)
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.options.precision != "fp32":
-            dtype = torch.bfloat16 if self.options.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+        p = self.options.precision
+        if self.device.type == "cuda" and p != "fp32":
+            return torch.autocast("cuda", dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+        if self.device.type == "cpu" and p == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
     def _inputs(self, x: torch.Tensor, sls) -> tuple:
@@ -195,6 +203,8 @@ class PatchDenoiser:
                 raise Cancelled("cancelled")
             sls = self.windows[start:start + bs]
             xs, coords, anat, region, spacing, control = self._inputs(x, sls)
+            if self.channels_last:
+                xs, coords, anat = (a.contiguous(memory_format=torch.channels_last_3d) for a in (xs, coords, anat))
             tt = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=self.device)
             with self._autocast():
                 if control is None:
@@ -219,6 +229,22 @@ class PatchDenoiser:
         return acc[:d, :h, :w].contiguous()
 
 
+_COMPILED: dict[int, tuple] = {}
+
+
+def _compiled(predictor):
+    """``torch.compile(predictor)``, once per predictor object (recompiling costs seconds).
+    The compiled module keeps the predictor's ``cfg``."""
+    key = id(predictor)
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0]() is not predictor:  # an id can be reused once its object is gone
+        compiled = torch.compile(predictor, dynamic=True)
+        if not hasattr(compiled, "cfg"):
+            compiled.cfg = predictor.cfg
+        _COMPILED[key] = entry = (weakref.ref(predictor), compiled)
+    return entry[1]
+
+
 class PatchSampler:
     """Makes :class:`PatchDenoiser` passes for one model, options and device, and holds the
     schedule and the seeded noise they share."""
@@ -226,6 +252,8 @@ class PatchSampler:
     def __init__(self, predictor, options: Optional[SamplerOptions] = None, device: str | torch.device = "cpu"):
         self.predictor = predictor.eval() if hasattr(predictor, "eval") else predictor
         self.options = options or SamplerOptions()
+        if self.options.compile:
+            self.predictor = _compiled(self.predictor)
         self.device = torch.device(device)
         self.cfg = predictor.cfg
         self.schedule = NoiseSchedule(self.cfg)

@@ -147,7 +147,8 @@ def sampler_for(predictor, params: dict, device, **overrides):
         window=int(params.get("window") or 0) or None, overlap=float(params.get("overlap", 0.25)),
         batch_size=int(params.get("batch_size", 4)), precision=precision,
         guidance_scale=float(params.get("guidance_scale", 1.0)),
-        control_scale=float(params.get("control_scale", 1.0)), **overrides)
+        control_scale=float(params.get("control_scale", 1.0)), compile=bool(params.get("compile", False)),
+        **overrides)
     return PatchSampler(predictor, opts, device)
 
 

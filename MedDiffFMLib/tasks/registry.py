@@ -174,8 +174,10 @@ COMMON_PARAMS: dict[str, ParamSpec] = {
     "window": ParamSpec(int, 0, "window edge in voxels (0 = the model's own; else 8 to 512)", minimum=0, maximum=512),
     "overlap": ParamSpec(float, 0.25, "overlap between neighbouring windows, in [0, 0.9]", minimum=0.0, maximum=0.9),
     "batch_size": ParamSpec(int, 4, "windows per network call (memory bound)", minimum=1, maximum=256),
-    "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it), fp32, bf16 or fp16",
+    "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it, fp32 on the CPU), fp32, bf16 (also on "
+                                        "the CPU, with channels_last_3d) or fp16 (GPU)",
                            ("auto", "fp32", "bf16", "fp16")),
+    "compile": ParamSpec(bool, False, "compile the network with torch.compile (slow first step, faster after)"),
     "backend": ParamSpec(str, "torch", "network runtime: torch, or onnx (onnxruntime; its CUDA provider with "
                                        "onnxruntime-gpu)", ("torch", "onnx")),
 }
