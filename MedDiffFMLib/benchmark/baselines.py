@@ -122,16 +122,10 @@ def organ_deviation_map(hu: np.ndarray, labels: np.ndarray, region: str, smoothi
 def zscore_by_tissue(amap: np.ndarray, labels: np.ndarray, label_names) -> np.ndarray:
     """Robust z-score (median, 1.4826 MAD) of the map within each anatomy group inside the
     body, floored at 0: each tissue's own spread sets its scale."""
+    from ..tasks.anomaly import group_zscore  # the model's own rule, so both maps are scored alike
+
     groups, _ = anatomy.group_map(labels, label_names)
-    body = np.asarray(labels) > 0
-    z = np.zeros(amap.shape, dtype=np.float32)
-    for g in np.unique(groups[body]):
-        sel = body & (groups == g)
-        values = amap[sel]
-        median = float(np.median(values))
-        mad = 1.4826 * float(np.median(np.abs(values - median)))
-        z[sel] = (values - median) / max(mad, 1e-3)
-    return np.maximum(z, 0.0)
+    return group_zscore(amap, groups, np.asarray(labels) > 0)
 
 
 def threshold_anomaly_map(amap: np.ndarray, body: np.ndarray, threshold: float = 4.0,
