@@ -19,7 +19,7 @@ import torch
 from . import anatomy
 from .conditions import SUPERRES_FACTORS, lesion_condition, superres_training_condition
 from .networks import REGION_INDEX, ModelConfig
-from .training import Case, clinical_range, phantom_cases, random_training_grid
+from .training import Case, draw_phantom, phantom_cases
 
 
 def _draw_factor(factors: Sequence[int]):
@@ -48,10 +48,9 @@ def superres_phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, factors: Seq
 def lesion_phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, lesions: int = 3,
                          regions: Sequence[str] = ("head_neck", "chest", "abdomen"),
                          fov_mm: Sequence[float] = (192.0, 256.0, 256.0), p_healthy: float = 0.2,
-                         max_voxels: int = 4_000_000) -> list[Case]:
-    """Phantoms with inserted lesions and their lesion conditions (seeds ``seed .. seed + n - 1``),
-    on random clinical-like grids."""
-    from .phantoms import make_phantom
+                         max_voxels: int = 1_000_000, family: str = "adult") -> list[Case]:
+    """Phantoms with inserted lesions and their lesion conditions (seeds ``seed .. seed + n - 1``,
+    each drawn by :func:`~MedDiffFMLib.training.draw_phantom`); a share ``p_healthy`` has none."""
     from .preprocessing import hu_to_unit
 
     rng = np.random.default_rng(seed)
@@ -59,16 +58,13 @@ def lesion_phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, lesions: int =
     for i in range(n):
         region = regions[i % len(regions)]
         healthy = rng.random() < p_healthy
-        shape, spacing = random_training_grid(np.random.default_rng([seed + i, 7]), fov_mm, clinical_range(cfg),
-                                              max_voxels=max_voxels)
-        ph = make_phantom(region, shape_kji=shape, spacing_kji=spacing, seed=seed + i,
-                          lesions=0 if healthy else lesions, noise_hu=0.0)
+        ph = draw_phantom(seed + i, region, cfg, family, fov_mm, max_voxels, lesions=0 if healthy else lesions)
         img = torch.from_numpy(hu_to_unit(ph.hu, region).astype(np.float32))
         mask = torch.from_numpy(ph.lesion_mask)
         g, _ = anatomy.group_map(ph.labels, ph.label_names)
         focus = torch.nonzero(mask) if mask.any() else None
-        out.append(Case(img, spacing, torch.from_numpy(g), REGION_INDEX[region], lesion_condition(img, mask),
-                        focus=focus, name=f"lesion-phantom-{region}-{seed + i}"))
+        out.append(Case(img, ph.spacing_kji, torch.from_numpy(g), REGION_INDEX[region], lesion_condition(img, mask),
+                        focus=focus, name=f"lesion-phantom-{family}-{region}-{seed + i}"))
     return out
 
 

@@ -183,8 +183,9 @@ def test_bad_arguments_exit_2(capsys):
 def test_train_then_synthesize(tmp_path, capsys):
     pytest.importorskip("MedDiffFMLib.phantoms")
     run = tmp_path / "run"
-    rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2", "--phantom-fov",
-                          "64", "80", "80", "--steps", "2", "--batch-size", "1", "--out", str(run), "--device", "cpu",
+    rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2",
+                          "--phantom-family", "miniature", "--phantom-fov", "64", "80", "80", "--steps", "2",
+                          "--batch-size", "1", "--out", str(run), "--device", "cpu",
                           "--no-progress"], capsys)
     assert rc == 0
     assert "2 steps" in stdout
@@ -199,8 +200,9 @@ def test_train_then_synthesize(tmp_path, capsys):
     assert np.isfinite(vol.array).all()
 
     # and training continues from where it stopped
-    rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2", "--phantom-fov",
-                          "64", "80", "80", "--steps", "3", "--batch-size", "1", "--out", str(run), "--device", "cpu",
+    rc, stdout, _ = _run(["train", "--preset", "tiny", "--spacing-range", "4", "8", "--phantoms", "2",
+                          "--phantom-family", "miniature", "--phantom-fov", "64", "80", "80", "--steps", "3",
+                          "--batch-size", "1", "--out", str(run), "--device", "cpu",
                           "--no-progress", "--resume"], capsys)
     assert rc == 0 and "3 steps" in stdout
 

@@ -35,7 +35,7 @@ def finetuned(tmp_path_factory, tiny_model_dir):
     base = load_base(tiny_model_dir, "cpu")
     cfg = base.cfg
     cases = superres_cases(phantom_cases(1, cfg, seed=3, fov_mm=(20.0, 24.0, 24.0), regions=("abdomen",),
-                                         thin_slices=True), FACTORS)
+                                         family="miniature", thin_slices=True), FACTORS)
     cn_cfg = ControlNetConfig(task="superres", control_channels=CONTROL_CHANNELS["superres"], base=cfg,
                               base_sha256=sha256_file(tiny_model_dir / "model.safetensors"),
                               params={"factors": list(FACTORS)})
@@ -118,6 +118,7 @@ def test_refuses_a_different_base(finetuned, tmp_path, make_tiny_model, task_pha
 def test_lesion_phantom_cases(tiny_model_dir):
     cfg = load_base(tiny_model_dir).cfg
     (case,) = lesion_phantom_cases(1, cfg, seed=4, lesions=2, regions=("abdomen",), fov_mm=(24.0, 48.0, 48.0),
+            family="miniature",
                                    p_healthy=0.0)
     assert case.control.shape == (2, *case.image.shape)
     mask = case.control[0] > 0
@@ -129,7 +130,8 @@ def test_lesion_phantom_cases(tiny_model_dir):
 def test_cli_finetune_then_superres(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "cn"
     rc = cli.main(["finetune", "--task", "superres", "--base", str(tiny_model_dir), "--phantoms", "2",
-                   "--steps", "2", "--phantom-fov", "24", "32", "32", "--factors", "2", "--batch-size", "1",
+                   "--steps", "2", "--phantom-family", "miniature", "--phantom-fov", "24", "32", "32", "--factors", "2",
+                   "--batch-size", "1",
                    "--out", str(out), "--device", "cpu", "--no-progress"])
     assert rc == 0
     assert "finetune (superres): 2 steps" in capsys.readouterr().out
@@ -148,3 +150,19 @@ def test_cli_finetune_then_superres(tmp_path, tiny_model_dir, capsys):
     vol = io.read_volume(sr)
     assert vol.shape == (10, 12, 12)
     np.testing.assert_allclose(vol.spacing_kji, (1.0, 1.0, 1.0), atol=1e-5)
+
+    # a later run warm-started from this ControlNet starts at its weights (a vanishing learning rate
+    # and no EMA keep them), unlike a fresh run, whose zero convolutions start at zero
+    common = ["finetune", "--task", "superres", "--base", str(tiny_model_dir), "--phantoms", "1", "--steps", "1",
+              "--phantom-family", "miniature", "--phantom-fov", "24", "32", "32", "--factors", "2", "--batch-size", "1",
+              "--lr", "1e-12", "--ema-decay", "0", "--device", "cpu", "--no-progress"]
+    assert cli.main(common + ["--out", str(tmp_path / "warm"), "--init-from", str(out / "model")]) == 0
+    assert "initialised from" in capsys.readouterr().out
+    assert cli.main(common + ["--out", str(tmp_path / "fresh")]) == 0
+    before = load_file(str(out / "model" / "model.safetensors"))
+    warm = load_file(str(tmp_path / "warm" / "model" / "model.safetensors"))
+    fresh = load_file(str(tmp_path / "fresh" / "model" / "model.safetensors"))
+    assert set(warm) == set(before)
+    assert max(float((warm[k].float() - before[k].float()).abs().max()) for k in before) < 1e-6
+    assert max(float((fresh[k].float() - before[k].float()).abs().max()) for k in before) > 1e-4
+    assert cli.main(common + ["--out", str(tmp_path / "bad"), "--init-from", str(tmp_path)]) == 2

@@ -193,6 +193,32 @@ def test_train_options_are_validated():
         Trainer([], "unused", TrainOptions(), preset("tiny"), device="cpu")
 
 
+def test_adult_phantom_cases_sit_on_clinical_oblique_grids():
+    """The adult family: a sub-box of an adult-sized body within the voxel budget, at voxel sizes
+    inside the model's clinical range, on the grid its seed draws (oblique for some seeds)."""
+    from MedDiffFMLib.phantoms import training_phantom
+    from MedDiffFMLib.training import clinical_range, draw_phantom, phantom_cases
+
+    cfg = preset("tiny", spacing_range_mm=(0.6, 3.0))
+    cases = phantom_cases(4, cfg, seed=5, max_voxels=24 ** 3)
+    lo, hi = clinical_range(cfg)
+    for i, c in enumerate(cases):
+        assert c.image.numel() <= 24 ** 3 and min(c.image.shape) >= 16
+        assert all(lo - 1e-6 <= s <= hi + 1e-6 for s in c.spacing), c.spacing
+        assert c.name.startswith("phantom-adult-") and c.groups.shape == c.image.shape
+        assert float(c.image.min()) >= -1 and float(c.image.max()) <= 1
+    obliques = [not np.allclose(np.abs(draw_phantom(5 + i, "chest", cfg, max_voxels=24 ** 3).ijk_to_ras[:3, :3]) > 1e-9,
+                                np.eye(3, dtype=bool)) for i in range(6)]
+    assert any(obliques)
+    # the body keeps its adult size: the same seed on its own grid matches the training family's case
+    ph = draw_phantom(5, "head_neck", cfg, max_voxels=24 ** 3)
+    ref = training_phantom(5, "head_neck", spacing_kji=ph.spacing_kji, max_voxels=24 ** 3, max_samples=4 * 24 ** 3,
+                           lesions=0)
+    np.testing.assert_array_equal(ph.hu, ref.hu)
+    with pytest.raises(ValueError, match="phantom family"):
+        draw_phantom(5, "chest", cfg, family="toy")
+
+
 # ------------------------------------------------------------------------------- learning, EMA
 LEARN_STEPS = 60
 
@@ -203,7 +229,7 @@ def trained(tmp_path_factory):
     from MedDiffFMLib.training import phantom_cases
 
     cfg = preset("tiny", spacing_range_mm=(4.0, 8.0))
-    cases = phantom_cases(3, cfg, fov_mm=(64.0, 160.0, 160.0))
+    cases = phantom_cases(3, cfg, fov_mm=(64.0, 160.0, 160.0), family="miniature")
     assert all(4.0 <= s <= 5.0 for c in cases for s in c.spacing)
     out = tmp_path_factory.mktemp("trained")
     opts = TrainOptions(steps=LEARN_STEPS, batch_size=2, lr=2e-3, ema_decay=0.99, checkpoint_every=10_000,
@@ -315,7 +341,8 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(HERE / "ddp_train_worker.py"), str(tmp_path / "hashes"),
-           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-fov", "64", "80", "80", "--spacing-range", "4", "8",
+           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-family", "miniature", "--phantom-fov", "64", "80", "80",
+           "--spacing-range", "4", "8",
            "--steps", "3", "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--device", "cpu",
            "--no-progress", "--checkpoint-every", "100"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)

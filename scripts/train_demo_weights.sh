@@ -10,10 +10,11 @@ set -x
 OUT=${OUT:-runs}
 RESUME=${RESUME:-}   # set RESUME=--resume to continue the runs in $OUT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# 1. foundation model: 60 phantoms (seeds 0-59) on random clinical grids (0.6-3 mm in-plane,
-#    0.5-5 mm slices), 32^3 windows, warm-started from the v1 weights (new voxel-size input
-#    channels start at zero), CPU bf16 autocast with channels_last_3d
-meddiff-fm train --preset small --phantoms 60 --phantom-seed 0 --steps 20000 --max-minutes ${BASE_MINUTES:-55} \
+# 1. foundation model: 96 adult-sized phantoms (seeds 0-95; sub-boxes of at most 1 M voxels on
+#    random oblique clinical grids, 0.6-3 mm in-plane, 0.5-5 mm slices), 32^3 windows,
+#    warm-started from the v1 weights (new voxel-size input channels start at zero), CPU bf16
+#    autocast with channels_last_3d. (Steps 1-464 were trained on 60 miniature phantoms.)
+meddiff-fm train --preset small --phantoms 96 --phantom-seed 0 --phantom-family adult --phantom-max-voxels 1000000 --steps 20000 --max-minutes ${BASE_MINUTES:-55} \
     --batch-size 2 --lr 2e-4 --ema-decay 0.995 --checkpoint-every 100 --seed 0 --device cpu --precision bf16 \
     --out "$OUT/base_v2" ${RESUME:---init-from ${V1_BASE:-Resources/models/meddifffm-demo-base}}
 meddiff-fm export "$OUT/base_v2/model" --fp16 --to Resources/models/meddifffm-demo-base --register \

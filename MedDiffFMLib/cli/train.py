@@ -17,10 +17,12 @@ DATA_OPTIONS = {
     "phantoms": ParamSpec(int, 0, "train on this many synthetic phantoms instead of (or besides) --data",
                           minimum=0, maximum=1_000_000),
     "phantom_seed": ParamSpec(int, 0, "first phantom seed", minimum=0, maximum=2**31 - 1),
-    "phantom_fov": ParamSpec(float, (192.0, 256.0, 256.0), "phantom field of view (k, j, i)", minimum=16.0,
+    "phantom_family": ParamSpec(str, "adult", "adult: a sub-box of an adult-sized body on an oblique grid; miniature: "
+                                             "the whole body scaled into --phantom-fov", ("adult", "miniature")),
+    "phantom_fov": ParamSpec(float, (192.0, 256.0, 256.0), "miniature phantoms' field of view (k, j, i)", minimum=16.0,
                              maximum=2000.0, length=3, unit="mm"),
-    "phantom_max_voxels": ParamSpec(int, 4_000_000, "phantoms: at most this many voxels per case (the slab along "
-                                                    "k is shortened)", minimum=4096, maximum=512 * 1024 * 1024),
+    "phantom_max_voxels": ParamSpec(int, 1_000_000, "phantoms: at most this many voxels per case", minimum=4096,
+                                    maximum=512 * 1024 * 1024),
     "phantom_noise": ParamSpec(float, 0.0, "CT noise in training phantoms (0: learn clean anatomy)", minimum=0.0,
                                maximum=500.0, unit="HU"),
 }
@@ -62,6 +64,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="output folder: model/ (inference weights), training_state/, log")
     run.add_argument("--resume", action="store_true", help="continue exactly from <out>/training_state")
+    run.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                     help="start from an earlier network's weights where they fit (a foundation model for train, a "
+                          "ControlNet of the same task for finetune; new input channels start at 0)")
     add_spec_options(run, RUN_OPTIONS)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: the local rank's GPU)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,8 +81,6 @@ def add_commands(sub) -> None:
     model.add_argument("--preset", default="small", choices=("base", "small", "tiny"),
                        help="network size: base (the paper's, 128^3 windows at 1 mm), small (CPU demo), tiny (tests)")
     add_spec_options(model, MODEL_OPTIONS)
-    model.add_argument("--init-from", default=None, metavar="MODEL_DIR",
-                       help="start from an earlier model's weights where they fit (new input channels start at 0)")
     model.add_argument("--channels", type=int, nargs="+", default=None, help="override the channels per level")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -156,13 +159,24 @@ def cmd_train(args) -> int:
         from ..networks import ModelConfig
 
         cfg = ModelConfig.from_dict(network_config(read_config(Path(args.out) / "model")))
-    if args.init_from and not (Path(args.init_from) / "model.safetensors").is_file():
-        raise UsageError(f"--init-from {args.init_from!r} is not a model folder (no model.safetensors)")
+    _check_init_from(args)
     cases = _image_cases(args, cfg)
     if not cases:
         raise UsageError("no training data: give --data and/or --phantoms N")
     trainer = Trainer(cases, args.out, _train_options(args), cfg, device=args.device)
-    if args.init_from and not args.resume:
+    return _train(trainer, args, "train")
+
+
+def _check_init_from(args) -> None:
+    if args.init_from and not (Path(args.init_from) / "model.safetensors").is_file():
+        raise UsageError(f"--init-from {args.init_from!r} is not a model folder (no model.safetensors)")
+
+
+def _train(trainer, args, what: str) -> int:
+    """Resume (or warm-start) if asked, train, and print one summary line on the main process."""
+    if args.resume:
+        trainer.resume()
+    elif args.init_from:
         from safetensors.torch import load_file
 
         from ..training import warm_start
@@ -170,13 +184,6 @@ def cmd_train(args) -> int:
         fresh = warm_start(trainer.model, load_file(str(Path(args.init_from) / "model.safetensors")))
         trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
         print(f"initialised from {args.init_from} ({len(fresh)} tensors kept fresh)")
-    return _train(trainer, args, "train")
-
-
-def _train(trainer, args, what: str) -> int:
-    """Resume if asked, train, and print one summary line on the main process."""
-    if args.resume:
-        trainer.resume()
     losses = trainer.train()
     if trainer.dist.main:
         tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
@@ -195,7 +202,7 @@ def _image_cases(args, cfg, thin_slices: bool = False) -> list:
     if args.phantoms:
         cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
                                noise_hu=args.phantom_noise, max_voxels=args.phantom_max_voxels,
-                               thin_slices=thin_slices)
+                               thin_slices=thin_slices, family=args.phantom_family)
     return cases
 
 
@@ -203,6 +210,7 @@ def cmd_finetune(args) -> int:
     _values(args, DATA_OPTIONS, RUN_OPTIONS, FINETUNE_OPTIONS)
     factors = _factors(args.factors) if args.task == "superres" else ()
     _check_out(args)
+    _check_init_from(args)
     from ..checkpoint import load_base, sha256_file
     from ..conditions import CONTROL_CHANNELS
     from ..finetune import lesion_phantom_cases, superres_cases
@@ -223,7 +231,8 @@ def cmd_finetune(args) -> int:
             cases += _lesion_manifest(args.data, cfg, args.region)
         if args.phantoms:
             cases += lesion_phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, lesions=args.lesions,
-                                          fov_mm=args.phantom_fov, max_voxels=args.phantom_max_voxels)
+                                          fov_mm=args.phantom_fov, max_voxels=args.phantom_max_voxels,
+                                          family=args.phantom_family)
     if not cases:
         raise UsageError("no training data: give --data and/or --phantoms N")
     cn_cfg = ControlNetConfig(task=args.task, control_channels=CONTROL_CHANNELS[args.task], base=cfg,
