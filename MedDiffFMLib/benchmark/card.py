@@ -1,0 +1,334 @@
+"""The model card's and the README's measured sections, written from benchmark results.
+
+``python -m MedDiffFMLib.benchmark.card RESULTS.json [RESULTS.json ...]`` merges the results
+of one or more benchmark runs (sections may be run in separate processes), judges each target
+of the demo weights on the held-out family, and rewrites the text between the markers
+
+* ``<!-- weights:begin -->`` / ``<!-- weights:end -->`` (model card: ids, versions, sizes, sha256),
+* ``<!-- results:begin -->`` / ``<!-- results:end -->`` (model card: targets and every table),
+* ``<!-- headline:begin -->`` / ``<!-- headline:end -->`` (README: one line per task).
+
+``scripts/model_card.sh`` runs the benchmark and then this, so the numbers in both files come
+from one run of one command; nothing in them is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .options import SECTION_TITLES
+from .report import format_markdown, write_text_atomic
+from .rows import find_row
+
+FAMILY = "heldout"  # the targets are judged on data the weights never saw
+MIN_CASES = 5
+SYNTHESIS_GROUPS = ("bone", "lung", "liver", "kidney", "spleen", "muscle")
+MARKERS = ("weights", "results", "headline")
+
+
+@dataclass
+class Verdict:
+    """One target: what it asks, what was measured, and whether that meets it (None: not measured)."""
+
+    section: str
+    target: str
+    measured: str
+    met: Optional[bool]
+
+    @property
+    def label(self) -> str:
+        return {True: "met", False: "missed", None: "not measured"}[self.met]
+
+
+# ---------------------------------------------------------------- merging runs
+def merge_results(results: Sequence[dict]) -> dict:
+    """One result from several runs of the same model (rows, captions, notes and commands joined).
+
+    Raises:
+        ValueError: the runs measured different models, or the same row twice.
+    """
+    if not results:
+        raise ValueError("no benchmark results to merge")
+    models = {r["meta"]["model"] for r in results}
+    if len(models) > 1:
+        raise ValueError(f"the results come from different models: {sorted(models)}")
+    seen, rows = set(), []
+    for r in results:
+        for row in r["rows"]:
+            key = (row["family"], row["section"], row["condition"], row["method"], row["metric"])
+            if key in seen:
+                raise ValueError(f"the same row is in two results: {key}")
+            seen.add(key)
+            rows.append(row)
+    # the held-out run's settings head the card: the targets are judged on its cases
+    main = next((r for r in results if FAMILY in r["meta"].get("families", [FAMILY])), results[0])
+    meta = dict(main["meta"])
+    meta["command"] = " ; ".join(r["meta"]["command"] for r in results)
+    captions = {}
+    for r in results:
+        captions.update(r.get("captions", {}))
+    return {"meta": meta, "rows": rows, "captions": captions,
+            "notes": [n for r in results for n in r.get("notes", [])]}
+
+
+# ---------------------------------------------------------------- the targets
+def _mean(result, section, condition, method, metric) -> Optional[float]:
+    row = find_row(result, FAMILY, section, condition, method, metric)
+    return None if row is None or row["mean"] is None else float(row["mean"])
+
+
+def _n(result, section, condition, method, metric) -> int:
+    row = find_row(result, FAMILY, section, condition, method, metric)
+    return 0 if row is None else int(row["n"] or 0)
+
+
+def _conditions(result, section: str, suffix: str) -> list[str]:
+    out = []
+    for r in result["rows"]:
+        if r["family"] == FAMILY and r["section"] == section and r["condition"].endswith(suffix) \
+                and r["condition"] not in out:
+            out.append(r["condition"])
+    return out
+
+
+def _fmt(v: Optional[float], decimals: int = 2) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.{decimals}f}"
+
+
+def _all(flags: Sequence[Optional[bool]]) -> Optional[bool]:
+    if not flags or any(f is None for f in flags):
+        return None
+    return all(flags)
+
+
+def _cases_note(n: int) -> str:
+    return "" if n >= MIN_CASES else f" (n = {n} < {MIN_CASES})"
+
+
+def _denoise(result) -> list[Verdict]:
+    levels = _conditions(result, "denoise", " HU noise")
+    model = "model (DiffPIR)"
+    out = []
+    for other, margin, what in (("non-local means, estimated sigma", 0.0, "non-local means with sigma estimated"),
+                                ("Gaussian (tuned sigma)", 1.0, "the tuned Gaussian + 1 dB")):
+        parts, flags, n = [], [], MIN_CASES
+        for c in levels:
+            m, o = _mean(result, "denoise", c, model, "psnr_db"), _mean(result, "denoise", c, other, "psnr_db")
+            n = min(n, _n(result, "denoise", c, model, "psnr_db"))
+            gap = None if m is None or o is None else m - o
+            parts.append(f"{c.split()[0]} HU: {_fmt(m)} vs {_fmt(o)} dB ({_fmt(gap)})")
+            flags.append(None if m is None or o is None else m >= o + margin)
+        out.append(Verdict("denoise", f"PSNR >= {what}", "; ".join(parts) + _cases_note(n), _all(flags)))
+    parts, flags = [], []
+    for c in levels:
+        e = _mean(result, "denoise", c, model, "edge_ratio")
+        parts.append(f"{c.split()[0]} HU: {_fmt(e, 3)}")
+        flags.append(None if e is None else abs(e - 1.0) <= 0.15)
+    out.append(Verdict("denoise", "edge sharpness within 15% of the truth", "; ".join(parts), _all(flags)))
+    change = _mean(result, "denoise", "noise-free input", model, "rms_change_hu")
+    out.append(Verdict("denoise", "a noise-free image comes back unchanged (<= 1 HU RMS)",
+                       f"{_fmt(change)} HU RMS", None if change is None else change <= 1.0))
+    return out
+
+
+def _superres(result) -> list[Verdict]:
+    model = "model (ControlNet)"
+    parts, flags, slab, slab_flags, n = [], [], [], [], MIN_CASES
+    for c in _conditions(result, "superres", ")"):
+        m, cubic = _mean(result, "superres", c, model, "psnr_db"), _mean(result, "superres", c, "cubic interpolation",
+                                                                          "psnr_db")
+        n = min(n, _n(result, "superres", c, model, "psnr_db"))
+        factor = c.split()[0]
+        gap = None if m is None or cubic is None else m - cubic
+        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt(gap)})")
+        flags.append(None if m is None or cubic is None else m >= cubic + 1.0)
+        err = _mean(result, "superres", c, model, "slab_max_error_hu")
+        slab.append(f"{factor}: {_fmt(err)} HU")
+        slab_flags.append(None if err is None else err <= 0.5)
+    return [Verdict("superres", "PSNR >= cubic interpolation + 1 dB", "; ".join(parts) + _cases_note(n), _all(flags)),
+            Verdict("superres", "slab means exact (max error <= 0.5 HU)", "; ".join(slab), _all(slab_flags))]
+
+
+def _anomaly(result) -> list[Verdict]:
+    with_labels, without, organ = "model, with anatomy labels", "model, no labels", "organ-median deviation (labels)"
+    a_l = _mean(result, "anomaly", "lesion cases", with_labels, "voxel_auroc")
+    a_n = _mean(result, "anomaly", "lesion cases", without, "voxel_auroc")
+    a_o = _mean(result, "anomaly", "lesion cases", organ, "voxel_auroc")
+    n = _n(result, "anomaly", "lesion cases", with_labels, "voxel_auroc")
+    v_l = _mean(result, "anomaly", "all volumes", with_labels, "volume_auroc")
+    v_n = _mean(result, "anomaly", "all volumes", without, "volume_auroc")
+    f_l = _mean(result, "anomaly", "healthy cases", with_labels, "flagged_ml")
+    f_n = _mean(result, "anomaly", "healthy cases", without, "flagged_ml")
+    both = lambda a, b, ok: None if a is None or b is None else (ok(a) and ok(b))  # noqa: E731
+    return [
+        Verdict("anomaly", "voxel AUROC >= 0.9, with and without labels",
+                f"with labels {_fmt(a_l, 3)}, without {_fmt(a_n, 3)}{_cases_note(n)}",
+                both(a_l, a_n, lambda v: v >= 0.9)),
+        Verdict("anomaly", "voxel AUROC >= the organ-median baseline (both with labels)",
+                f"{_fmt(a_l, 3)} vs {_fmt(a_o, 3)}", None if a_l is None or a_o is None else a_l >= a_o),
+        Verdict("anomaly", "volume AUROC >= 0.95", f"with labels {_fmt(v_l, 3)}, without {_fmt(v_n, 3)}",
+                both(v_l, v_n, lambda v: v >= 0.95)),
+        Verdict("anomaly", "< 5 ml flagged on healthy volumes", f"with labels {_fmt(f_l)} ml, without {_fmt(f_n)} ml",
+                both(f_l, f_n, lambda v: v < 5.0)),
+    ]
+
+
+def _synthesis(result) -> list[Verdict]:
+    parts, flags, n = [], [], MIN_CASES
+    for g in SYNTHESIS_GROUPS:
+        m = _mean(result, "synthesis", g, "model", "threshold_dice")
+        c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
+        if m is None or c is None:
+            parts.append(f"{g}: not present")
+            flags.append(None)
+            continue
+        n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
+        parts.append(f"{g}: {m:.2f} / {c:.2f} = {m / c:.2f}" if c > 0 else f"{g}: ceiling 0")
+        flags.append(c > 0 and m >= 0.8 * c)
+    return [Verdict("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group",
+                    "; ".join(parts) + _cases_note(n), _all(flags))]
+
+
+def _inpaint(result) -> list[Verdict]:
+    model = "model (RePaint + lesion ControlNet)"
+    d = _mean(result, "inpaint", "healthy content", model, "abs_delta_mean_hu")
+    s = _mean(result, "inpaint", "healthy content", model, "std_ratio")
+    n = _n(result, "inpaint", "healthy content", model, "abs_delta_mean_hu")
+    d_in = _mean(result, "inpaint", "healthy content", "input (unchanged)", "abs_delta_mean_hu")
+    return [Verdict("inpaint", "|mask mean - ring mean| <= 15 HU (healthy content)",
+                    f"{_fmt(d, 1)} HU (the lesion input: {_fmt(d_in, 1)} HU){_cases_note(n)}",
+                    None if d is None else d <= 15.0),
+            Verdict("inpaint", "texture std within 50% of the ring's", f"ratio {_fmt(s)}",
+                    None if s is None else abs(s - 1.0) <= 0.5)]
+
+
+def _lesion(result) -> list[Verdict]:
+    out = []
+    own = [r for r in result["rows"] if r["family"] == FAMILY and r["section"] == "lesion"
+           and r["condition"] == "the family's own lesions"]
+    for metric, what, decimals in (("abs_contrast_hu", "|contrast|", 1), ("threshold_dice", "threshold Dice", 2)):
+        m = _mean(result, "lesion", "generated in the mask", "model (lesion ControlNet)", metric)
+        n = _n(result, "lesion", "generated in the mask", "model (lesion ControlNet)", metric)
+        values = [v for r in own if r["metric"] == metric for v in r["values"] if v is not None]
+        if m is None or not values:
+            out.append(Verdict("lesion", f"{what} within the range of the family's own lesions",
+                               f"model {_fmt(m, decimals)}", None))
+            continue
+        lo, hi = min(values), max(values)
+        out.append(Verdict("lesion", f"{what} within the range of the family's own lesions",
+                           f"model {m:.{decimals}f}; the family's lesions {lo:.{decimals}f}-{hi:.{decimals}f}"
+                           f"{_cases_note(n)}", lo <= m <= hi))
+    return out
+
+
+TARGETS: dict[str, Callable[[dict], list[Verdict]]] = {
+    "denoise": _denoise, "superres": _superres, "anomaly": _anomaly, "synthesis": _synthesis,
+    "inpaint": _inpaint, "lesion": _lesion,
+}
+
+
+def verdicts(result: dict) -> list[Verdict]:
+    """Every target, judged on the held-out family (not measured where its section is missing)."""
+    present = {r["section"] for r in result["rows"] if r["family"] == FAMILY}
+    out = []
+    for section, judge in TARGETS.items():
+        if section in present:
+            out += judge(result)
+        else:
+            out.append(Verdict(section, "every target of the section", "section not run", None))
+    return out
+
+
+# ---------------------------------------------------------------- the Markdown
+def results_markdown(result: dict) -> str:
+    """The model card's results: targets, then every table of the run."""
+    meta = result["meta"]
+    lines = ["## Results at clinical grids", "",
+             f"Generated by `scripts/model_card.sh` from one benchmark run (`{meta['command']}`). Model "
+             f"`{Path(str(meta['model'])).name}`, {meta['cases']} case(s) per section on the held-out family. The "
+             "targets are judged on the held-out family (`MedDiffFMLib/heldout`, other code and primitives than the training "
+             "phantoms); the training family's tables are labelled as such. Synthetic phantoms: not clinical results.",
+             "", "### Against the targets", "", "| task | target | measured (held-out, mean over cases) | |",
+             "|---|---|---|---|"]
+    for v in verdicts(result):
+        lines.append(f"| {SECTION_TITLES[v.section]} | {v.target} | {v.measured} | {v.label} |")
+    tables = format_markdown(result).split("\n")
+    start = next((i for i, t in enumerate(tables) if t.startswith("## ")), len(tables))
+    lines += [""] + ["#" + t if t.startswith("## ") else t for t in tables[start:]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def headline_markdown(result: dict) -> str:
+    """The README's lines: per task, how many targets are met, with the numbers."""
+    by_section: dict[str, list[Verdict]] = {}
+    for v in verdicts(result):
+        by_section.setdefault(v.section, []).append(v)
+    lines = [f"Measured by `scripts/model_card.sh` on the held-out phantom family at clinical grids "
+             f"({result['meta']['cases']} cases per task; details and every baseline in the model card):", ""]
+    for section, vs in by_section.items():
+        met = sum(v.met is True for v in vs)
+        judged = sum(v.met is not None for v in vs)
+        facts = "; ".join(f"{v.target}: {v.measured} ({v.label})" for v in vs)
+        lines.append(f"- **{SECTION_TITLES[section]}**, {met} of {judged} targets met: {facts}.")
+    return "\n".join(lines) + "\n"
+
+
+def weights_markdown(registry: dict, root: Path) -> str:
+    """The model card's table of the bundled weights, from ``models.json``."""
+    lines = ["| id | version | kind | file | sha256 (full value in `models.json`) |", "|---|---|---|---|---|"]
+    for m in registry["models"]:
+        path = root / m["path"] / "model.safetensors" if "path" in m else None
+        size = f"{path.stat().st_size / 1e6:.1f} MB" if path is not None and path.is_file() else "-"
+        kind = "foundation model" if m.get("kind") == "base" else f"ControlNet ({m.get('task', '?')})"
+        digest = str(m.get("sha256", ""))[:16]
+        lines.append(f"| `{m['id']}` | {m.get('version', '-')} | {kind} | {size} | `{digest}…` |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between(text: str, name: str, body: str) -> str:
+    """``text`` with what lies between the ``name`` markers replaced by ``body``.
+
+    Raises:
+        ValueError: the markers are missing or not in order.
+    """
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n)(.*?)(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no '<!-- {name}:begin -->' ... '<!-- {name}:end -->' markers")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m MedDiffFMLib.benchmark.card", description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="+", help="benchmark JSON files (meddiff-fm benchmark -o ...)")
+    p.add_argument("--card", default="Resources/models/MODEL_CARD.md", help="model card to update")
+    p.add_argument("--readme", default="README.md", help="README to update")
+    p.add_argument("--registry", default="Resources/models.json", help="registry of the bundled weights")
+    args = p.parse_args(argv)
+    try:
+        result = merge_results([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.results])
+        registry_path = Path(args.registry)
+        registry = json.loads(registry_path.read_text(encoding="utf-8"))
+        card, readme = Path(args.card), Path(args.readme)
+        card_text = replace_between(card.read_text(encoding="utf-8"), "weights",
+                                    weights_markdown(registry, registry_path.parent))
+        card_text = replace_between(card_text, "results", results_markdown(result))
+        readme_text = replace_between(readme.read_text(encoding="utf-8"), "headline", headline_markdown(result))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_text_atomic(card, card_text)
+    write_text_atomic(readme, readme_text)
+    met = sum(v.met is True for v in verdicts(result))
+    print(f"wrote {card} and {readme}: {met} of {len(verdicts(result))} targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
