@@ -197,6 +197,8 @@ def test_interpolation_is_exact_on_a_linear_ramp():
 
 
 def test_organ_deviation_map_finds_a_lesion_and_the_volume_score_ranks_it():
+    from MedDiffFMLib.tasks import anomaly
+
     labels = np.zeros((16, 16, 16), np.uint8)
     labels[2:14, 2:14, 2:14] = 5  # liver
     hu = np.where(labels > 0, 60.0, -1000.0) + 3.0 * np.random.default_rng(2).standard_normal(labels.shape)
@@ -209,11 +211,17 @@ def test_organ_deviation_map_finds_a_lesion_and_the_volume_score_ranks_it():
     assert amap[~body].max() == 0.0 and np.unravel_index(np.argmax(amap), amap.shape) == (8, 8, 8)
     truth = np.zeros_like(body)
     truth[7:10, 7:10, 7:10] = True
-    mask = baselines.threshold_anomaly_map(amap, body)
+    mask = anomaly.anomaly_mask(amap, body, threshold=4.0, min_voxels=3)
     assert (mask & truth).sum() == truth.sum() and metrics.dice(mask, truth) > 0.3
     clean_map = baselines.zscore_by_tissue(baselines.organ_deviation_map(healthy, labels, "abdomen", 1.0, (1, 1, 1)),
                                            labels, {5: "liver"})
-    assert baselines.volume_score(amap, body) > baselines.volume_score(clean_map, body)
+    assert anomaly.volume_score(amap, body) > anomaly.volume_score(clean_map, body)
+    # a component smaller than the smallest size kept is dropped
+    from scipy import ndimage
+
+    largest = int(np.bincount(ndimage.label(mask)[0].ravel())[1:].max())
+    assert anomaly.anomaly_mask(amap, body, threshold=4.0, min_voxels=largest).any()
+    assert not anomaly.anomaly_mask(amap, body, threshold=4.0, min_voxels=largest + 1).any()
 
 
 def test_nearest_mean_segmentation_and_groups():

@@ -128,24 +128,6 @@ def zscore_by_tissue(amap: np.ndarray, labels: np.ndarray, label_names) -> np.nd
     return group_zscore(amap, groups, np.asarray(labels) > 0)
 
 
-def threshold_anomaly_map(amap: np.ndarray, body: np.ndarray, threshold: float = 4.0,
-                          min_size: int = 3) -> np.ndarray:
-    """Mask: map above ``threshold`` inside the body, components under ``min_size`` voxels dropped."""
-    mask = (amap > threshold) & body
-    if min_size > 1 and mask.any():
-        lab, k = ndimage.label(mask)
-        sizes = np.bincount(lab.ravel())
-        mask = np.isin(lab, np.nonzero(sizes >= min_size)[0][1:]) if k else mask
-    return mask
-
-
-def volume_score(amap: np.ndarray, body: np.ndarray) -> float:
-    """A volume's anomaly score: the 0.999 quantile of the map inside the body (the same rule
-    for every method)."""
-    inside = np.asarray(amap)[body] if body.any() else np.asarray(amap).ravel()
-    return float(np.quantile(inside, 0.999)) if inside.size else 0.0
-
-
 # ------------------------------------------------------------------------------ synthesis
 def main_groups(groups: np.ndarray, body: np.ndarray, min_fraction: float = MIN_GROUP_FRACTION) -> list[int]:
     """Group values (1 body tissue, 2 + g organ group g) covering >= ``min_fraction`` of the body and 10 voxels."""

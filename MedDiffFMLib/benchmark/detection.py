@@ -33,8 +33,11 @@ def _safe_auroc(scores, labels):
 
 
 def run_anomaly(ctx, family: str) -> None:
-    from ..tasks import TaskRequest
+    from ..tasks import TaskRequest, anomaly
+    from ..tasks.registry import TASKS
 
+    # the baseline's mask follows the model's rule (threshold, smallest component)
+    defaults = {k: TASKS["anomaly"].params[k].default for k in ("threshold", "min_size_mm3")}
     opts = ctx.opts
     methods = ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)")
     volume_scores: dict[str, list[float]] = {m: [] for m in methods}
@@ -64,11 +67,13 @@ def run_anomaly(ctx, family: str) -> None:
             deviation = baselines.organ_deviation_map(image, case.labels, case.region, BASELINE_SMOOTHING_MM,
                                                       case.spacing_kji)
             zmap = baselines.zscore_by_tissue(deviation, case.labels, case.label_names)
-            maps[methods[2]] = (zmap, baselines.threshold_anomaly_map(zmap, body), time.monotonic() - t0)
+            maps[methods[2]] = (zmap, anomaly.anomaly_mask(zmap, body, defaults["threshold"],
+                                                           anomaly.min_voxels(defaults["min_size_mm3"], case.voxel_ml)),
+                                time.monotonic() - t0)
             truth.append(with_lesions)
             condition = "lesion cases" if with_lesions else "healthy cases"
             for method, (amap, mask, seconds) in maps.items():
-                volume_scores[method].append(baselines.volume_score(amap, body))
+                volume_scores[method].append(anomaly.volume_score(amap, body))
                 if with_lesions:
                     ctx.add(family, "anomaly", condition, method, case.name,
                             voxel_auroc=_safe_auroc(amap[body], case.lesion_mask[body]),

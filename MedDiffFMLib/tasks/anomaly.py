@@ -48,6 +48,28 @@ def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np
     return np.maximum(z, 0.0)
 
 
+def anomaly_mask(amap: np.ndarray, body: np.ndarray, threshold: float, min_voxels: int) -> np.ndarray:
+    """(D, H, W) bool: the map above ``threshold`` inside ``body``, without connected components
+    (face-connected) of fewer than ``min_voxels`` voxels."""
+    mask = (amap > threshold) & body
+    if min_voxels > 1 and mask.any():
+        lab, k = ndimage.label(mask)
+        sizes = np.bincount(lab.ravel())
+        mask = np.isin(lab, np.nonzero(sizes >= min_voxels)[0][1:]) if k else mask
+    return mask
+
+
+def volume_score(amap: np.ndarray, body: np.ndarray) -> float:
+    """A volume's anomaly score: the 0.999 quantile of the map inside the body."""
+    inside = np.asarray(amap)[body] if body.any() else np.asarray(amap).ravel()
+    return float(np.quantile(inside, 0.999)) if inside.size else 0.0
+
+
+def min_voxels(min_size_mm3: float, voxel_ml: float) -> int:
+    """The smallest component kept, in voxels, for a volume in mm^3."""
+    return int(np.ceil(min_size_mm3 / (voxel_ml * 1000.0)))
+
+
 @dataclass
 class Plan:
     image: Volume
@@ -96,13 +118,8 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         diff = ndimage.gaussian_filter(diff, p["smoothing_mm"] / np.asarray(image.spacing_kji))
     tissue = plan.groups if plan.groups is not None else np.ones(image.shape, dtype=np.int8)
     amap = group_zscore(diff, tissue, plan.body)
-    mask = (amap > p["threshold"]) & plan.body
-    min_voxels = int(np.ceil(p["min_size_mm3"] / (voxel_volume_ml(image) * 1000.0)))
-    if min_voxels > 1 and mask.any():
-        lab, k = ndimage.label(mask)
-        sizes = np.bincount(lab.ravel())
-        mask = np.isin(lab, np.nonzero(sizes >= min_voxels)[0][1:]) if k else mask
-    score = float(np.quantile(amap[plan.body], 0.999))
+    mask = anomaly_mask(amap, plan.body, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)))
+    score = volume_score(amap, plan.body)
     # the reconstruction in HU; outside the window the model has nothing to say: the input
     keep = preprocessing.outside_window(image.array, plan.region)
     recon_hu = np.where(keep, image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
