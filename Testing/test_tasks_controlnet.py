@@ -4,7 +4,7 @@ RePaint schedule.
 Tiny random base (1 mm) and tiny ControlNets (conftest ``tiny_controlnet_dirs``), small
 phantoms on oblique, anisotropic grids. Checked: outputs and their grids (super-resolution:
 the exact new grid), seeds, inputs left alone, voxels outside the mask bit for bit,
-super-resolution consistency, cancellation, progress and input validation.
+cancellation, progress and input validation. Super-resolution's own checks: test_tasks_superres.py.
 """
 
 from __future__ import annotations
@@ -12,83 +12,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MedDiffFMLib import cli, io, preprocessing
-from MedDiffFMLib.geometry import make_ijk_to_ras, voxel_to_ras
-from MedDiffFMLib.phantoms import make_phantom
-from MedDiffFMLib.tasks import Cancelled, TaskRequest, run_task
+from MedDiffFMLib import cli, io
+from MedDiffFMLib.geometry import make_ijk_to_ras
+from MedDiffFMLib.tasks import Cancelled, run_task
 from MedDiffFMLib.sampling import repaint_schedule
 from MedDiffFMLib.volume import Volume
 
 from conftest import Recorder
+from controlnet_helpers import (CN, MASKED, OUTPUTS, PARAMS, REGION, TASKS, UNKNOWN_NAME, ball_mask,  # noqa: E402
+                                centre_ras, first_corner, mask_of, raw_volume, request_for, run)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-REGION = "abdomen"
-TASKS = ("superres", "lesion", "inpaint")
-CN = {"superres": "superres", "lesion": "lesion", "inpaint": "lesion"}
-PARAMS = {"superres": {"steps": 2}, "lesion": {"steps": 2},
-          "inpaint": {"steps": 3, "jump_length": 1, "jump_n_sample": 2}}
-OUTPUTS = {"superres": ({"superres"}, set()), "lesion": ({"lesion"}, {"lesion"}),
-           "inpaint": ({"inpainted"}, {"inpainted_region"})}
-MASKED = ("lesion", "inpaint")
-UNKNOWN_NAME = "unicorn_gland"
-
-
-# ----------------------------------------------------------------------------- helpers
-def centre_ras(m, shape) -> np.ndarray:
-    return voxel_to_ras(m, np.array([(shape[2] - 1) / 2, (shape[1] - 1) / 2, (shape[0] - 1) / 2]))[0]
-
-
-def ball_mask(m, shape, centre, radius_mm) -> np.ndarray:
-    """Voxels of the grid (m, shape) whose centre lies within ``radius_mm`` of ``centre`` (RAS)."""
-    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    ras = voxel_to_ras(m, np.stack([i.ravel(), j.ravel(), k.ravel()], 1))
-    return (np.linalg.norm(ras - centre, axis=1) <= radius_mm).reshape(shape)
-
-
-def mask_of(ph, writeable=True) -> Volume:
-    mask = ball_mask(ph.ijk_to_ras, ph.hu.shape, centre_ras(ph.ijk_to_ras, ph.hu.shape), 4.0)
-    mask.flags.writeable = writeable
-    return Volume(mask, ph.ijk_to_ras.copy())
-
-
-def anatomy_of(ph, writeable=True) -> tuple[Volume, dict]:
-    labels = np.array(ph.labels, dtype=np.int32)
-    labels[2:5, 3:8, 3:8] = 250
-    labels.flags.writeable = writeable
-    return Volume(labels, ph.ijk_to_ras.copy()), {**ph.label_names, 250: UNKNOWN_NAME}
-
-
-def request_for(task, ph, params=None, writeable=True, mask=True, anatomy=True) -> TaskRequest:
-    img = np.array(ph.hu, dtype=np.float32)
-    img.flags.writeable = writeable
-    anat, names = anatomy_of(ph, writeable) if anatomy else (None, None)
-    return TaskRequest(image=Volume(img, ph.ijk_to_ras.copy()), region=REGION, anatomy=anat, anatomy_names=names,
-                       mask=mask_of(ph, writeable) if (mask and task in MASKED) else None,
-                       params={**PARAMS[task], **(params or {})})
-
-
-def run(task, request, model, cns, **kw):
-    return run_task(task, request, model, controlnet=cns[CN[task]], device="cpu", **kw)
-
-
-def raw_volume(array, m) -> Volume:
-    v = Volume(np.zeros((1, 1, 1), np.float32), m)
-    v.array = array
-    return v
-
-
-def first_corner(m) -> np.ndarray:
-    return voxel_to_ras(m, np.array([-0.5, -0.5, -0.5]))[0]
-
-
-def oblique(spacing_kji, origin=(-7.5, 30.0, -12.25)) -> np.ndarray:
-    """A grid with the given spacing, a non-zero origin and an oblique direction (a rotation by
-    0.7 rad about (1, 3, -2))."""
-    a = np.array([1.0, 3.0, -2.0]) / np.sqrt(14.0)
-    k = np.array([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]])
-    rot = np.eye(3) + np.sin(0.7) * k + (1.0 - np.cos(0.7)) * (k @ k)
-    return make_ijk_to_ras(spacing_kji, origin, rot)
 
 
 @pytest.fixture(scope="module")
@@ -219,76 +153,6 @@ def test_lesion_mask_on_another_grid(tiny_model_dir, tiny_controlnet_dirs, task_
     out = res.volumes["lesion"].array
     assert np.array_equal(out[~seg.array], ph.hu[~seg.array])
     assert res.messages == []
-
-
-# ----------------------------------------------------------------------------- super-resolution
-def test_superres_geometry_on_an_oblique_4mm_grid(tiny_model_dir, tiny_controlnet_dirs):
-    m = oblique((4.0, 1.0, 1.0))
-    ph = make_phantom(REGION, shape_kji=(4, 12, 12), spacing_kji=(4.0, 1.0, 1.0), seed=5, noise_hu=10.0,
-                      ijk_to_ras=m)
-    req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2})
-    out = run("superres", req, tiny_model_dir, tiny_controlnet_dirs).volumes["superres"]
-    assert out.array.shape == (8, 12, 12)
-    np.testing.assert_allclose(out.spacing_kji, (2.0, 1.0, 1.0), rtol=0, atol=1e-12)
-    d = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
-    shift_ijk = ((np.array([2.0, 1.0, 1.0]) - [4.0, 1.0, 1.0]) / 2)[::-1]
-    np.testing.assert_allclose(out.ijk_to_ras[:3, 3], m[:3, 3] + d @ shift_ijk, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(first_corner(out.ijk_to_ras), first_corner(m), atol=1e-6)
-    far_in = voxel_to_ras(m, np.array([11.5, 11.5, 3.5]))[0]
-    far_out = voxel_to_ras(out.ijk_to_ras, np.array([11.5, 11.5, 7.5]))[0]
-    np.testing.assert_allclose(far_out, far_in, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def superres_runs(tiny_model_dir, tiny_controlnet_dirs):
-    """2 mm slices, factor 2, with and without the self-check."""
-    ph = make_phantom(REGION, shape_kji=(6, 14, 14), spacing_kji=(2.0, 1.0, 1.0), seed=9, noise_hu=10.0,
-                      ijk_to_ras=oblique((2.0, 1.0, 1.0)))
-    out = {}
-    for check in (True, False):
-        req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 2, "factor": 2, "self_check": check})
-        out[check] = run("superres", req, tiny_model_dir, tiny_controlnet_dirs)
-    return ph, out
-
-
-@pytest.mark.parametrize("check", [True, False])
-def test_superres_keeps_slab_means(superres_runs, check):
-    ph, out = superres_runs
-    res = out[check].volumes["superres"].array
-    assert res.shape == (12, 14, 14)
-    means = res.reshape(6, 2, 14, 14).astype(np.float64).mean(1)
-    inside = ~preprocessing.outside_window(ph.hu, REGION)
-    assert inside.sum() > 100
-    np.testing.assert_allclose(means[inside], ph.hu[inside], rtol=0, atol=1e-3)
-
-
-def test_superres_self_check_weighs_the_model_detail(superres_runs):
-    ph, out = superres_runs
-    checked, unchecked = out[True], out[False]
-    assert unchecked.scores["model_weight"] == 1.0 and "self_check_gain_db" not in unchecked.scores
-    w = checked.scores["model_weight"]
-    assert 0.0 <= w <= 1.0 and checked.scores["self_check_gain_db"] >= 0.0
-    # the unchecked run keeps all of the model's detail: the two voxels of a slab differ
-    res = unchecked.volumes["superres"].array
-    inside = ~preprocessing.outside_window(ph.hu, REGION)
-    assert np.abs(res[0::2] - res[1::2])[inside].max() > 1.0
-
-
-def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_controlnet_dirs, task_phantom):
-    outs = [run("superres", request_for("superres", task_phantom, {"steps": 1, "control_scale": s}, anatomy=False),
-                tiny_model_dir, tiny_controlnet_dirs).volumes["superres"].array for s in (0.0, 1.0)]
-    assert not np.array_equal(*outs)
-
-
-@pytest.mark.parametrize("params,match", [
-    ({"factor": 1}, "factor"),
-    ({"factor": (2, 1, 1)}, "factor"),
-    ({"factor": 2.5}, "factor"),
-    ({"noise_fraction": 0.0}, "noise_fraction"),
-])
-def test_superres_rejects_bad_parameters(tiny_model_dir, tiny_controlnet_dirs, task_phantom, params, match):
-    with pytest.raises(ValueError, match=match):
-        run("superres", request_for("superres", task_phantom, params), tiny_model_dir, tiny_controlnet_dirs)
 
 
 # ----------------------------------------------------------------------------- cancel

@@ -1,0 +1,85 @@
+"""Super-resolution through ``run_task``: the exact new grid on oblique grids, slab means, the
+self-check, the control scale and bad parameters (tiny random base and ControlNet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedDiffFMLib import preprocessing
+from MedDiffFMLib.geometry import voxel_to_ras
+from MedDiffFMLib.phantoms import make_phantom
+from MedDiffFMLib.tasks import TaskRequest
+
+from controlnet_helpers import REGION, first_corner, oblique, request_for, run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_superres_geometry_on_an_oblique_4mm_grid(tiny_model_dir, tiny_controlnet_dirs):
+    m = oblique((4.0, 1.0, 1.0))
+    ph = make_phantom(REGION, shape_kji=(4, 12, 12), spacing_kji=(4.0, 1.0, 1.0), seed=5, noise_hu=10.0,
+                      ijk_to_ras=m)
+    req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2})
+    out = run("superres", req, tiny_model_dir, tiny_controlnet_dirs).volumes["superres"]
+    assert out.array.shape == (8, 12, 12)
+    np.testing.assert_allclose(out.spacing_kji, (2.0, 1.0, 1.0), rtol=0, atol=1e-12)
+    d = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
+    shift_ijk = ((np.array([2.0, 1.0, 1.0]) - [4.0, 1.0, 1.0]) / 2)[::-1]
+    np.testing.assert_allclose(out.ijk_to_ras[:3, 3], m[:3, 3] + d @ shift_ijk, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(first_corner(out.ijk_to_ras), first_corner(m), atol=1e-6)
+    far_in = voxel_to_ras(m, np.array([11.5, 11.5, 3.5]))[0]
+    far_out = voxel_to_ras(out.ijk_to_ras, np.array([11.5, 11.5, 7.5]))[0]
+    np.testing.assert_allclose(far_out, far_in, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def superres_runs(tiny_model_dir, tiny_controlnet_dirs):
+    """2 mm slices, factor 2, with and without the self-check."""
+    ph = make_phantom(REGION, shape_kji=(6, 14, 14), spacing_kji=(2.0, 1.0, 1.0), seed=9, noise_hu=10.0,
+                      ijk_to_ras=oblique((2.0, 1.0, 1.0)))
+    out = {}
+    for check in (True, False):
+        req = TaskRequest(image=ph.volume(), region=REGION, params={"steps": 2, "factor": 2, "self_check": check})
+        out[check] = run("superres", req, tiny_model_dir, tiny_controlnet_dirs)
+    return ph, out
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_superres_keeps_slab_means(superres_runs, check):
+    ph, out = superres_runs
+    res = out[check].volumes["superres"].array
+    assert res.shape == (12, 14, 14)
+    means = res.reshape(6, 2, 14, 14).astype(np.float64).mean(1)
+    inside = ~preprocessing.outside_window(ph.hu, REGION)
+    assert inside.sum() > 100
+    np.testing.assert_allclose(means[inside], ph.hu[inside], rtol=0, atol=1e-3)
+
+
+def test_superres_self_check_weighs_the_model_detail(superres_runs):
+    ph, out = superres_runs
+    checked, unchecked = out[True], out[False]
+    assert unchecked.scores["model_weight"] == 1.0 and "self_check_gain_db" not in unchecked.scores
+    w = checked.scores["model_weight"]
+    assert 0.0 <= w <= 1.0 and checked.scores["self_check_gain_db"] >= 0.0
+    # the unchecked run keeps all of the model's detail: the two voxels of a slab differ
+    res = unchecked.volumes["superres"].array
+    inside = ~preprocessing.outside_window(ph.hu, REGION)
+    assert np.abs(res[0::2] - res[1::2])[inside].max() > 1.0
+
+
+def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_controlnet_dirs, task_phantom):
+    outs = [run("superres", request_for("superres", task_phantom, {"steps": 1, "control_scale": s}, anatomy=False),
+                tiny_model_dir, tiny_controlnet_dirs).volumes["superres"].array for s in (0.0, 1.0)]
+    assert not np.array_equal(*outs)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"factor": 1}, "factor"),
+    ({"factor": (2, 1, 1)}, "factor"),
+    ({"factor": 2.5}, "factor"),
+    ({"noise_fraction": 0.0}, "noise_fraction"),
+])
+def test_superres_rejects_bad_parameters(tiny_model_dir, tiny_controlnet_dirs, task_phantom, params, match):
+    with pytest.raises(ValueError, match=match):
+        run("superres", request_for("superres", task_phantom, params), tiny_model_dir, tiny_controlnet_dirs)
