@@ -44,7 +44,8 @@ def module(monkeypatch):
     stubs["slicer.i18n"].translate = lambda context, text: text
     for name, stub in stubs.items():
         monkeypatch.setitem(sys.modules, name, stub)
-    for name in ("MedDiffFM", "MedDiffFMQt", "MedDiffFMQt.panel", "MedDiffFMQt.modelsection", "MedDiffFMQt.selftest"):
+    for name in ("MedDiffFM", "MedDiffFMQt", "MedDiffFMQt.panel", "MedDiffFMQt.modelsection", "MedDiffFMQt.runsection",
+                 "MedDiffFMQt.selftest"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     spec = importlib.util.spec_from_file_location("MedDiffFM", MODULE_DIR / "MedDiffFM.py")
     mod = importlib.util.module_from_spec(spec)
