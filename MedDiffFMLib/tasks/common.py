@@ -199,12 +199,15 @@ def check_label_volume(vol: Volume, what: str) -> Volume:
 
 
 def on_grid(vol: Volume, shape, ijk_to_ras, order: int = 0) -> np.ndarray:
-    """``vol`` on the grid (``shape``, ``ijk_to_ras``): itself when the grids agree, else resampled."""
+    """``vol`` on the grid (``shape``, ``ijk_to_ras``): itself when the grids agree, else resampled
+    (by :mod:`~MedDiffFMLib.resample`, the fast resampler with the semantics of
+    :func:`preprocessing.resample_to_grid`)."""
+    from ..resample import resample_to_grid
+
     same = tuple(vol.array.shape) == tuple(shape) and np.allclose(vol.ijk_to_ras, ijk_to_ras, atol=1e-6)
     if same:
         return np.asarray(vol.array)
-    return preprocessing.resample_to_grid(np.asarray(vol.array), vol.ijk_to_ras, tuple(shape), ijk_to_ras,
-                                          order=order)
+    return resample_to_grid(np.asarray(vol.array), vol.ijk_to_ras, tuple(shape), ijk_to_ras, order=order)
 
 
 def anatomy_groups(request: TaskRequest, shape, ijk_to_ras) -> tuple[Optional[np.ndarray], list[str]]:
