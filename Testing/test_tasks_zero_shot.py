@@ -187,6 +187,35 @@ def test_anomaly_mask_follows_the_map(tiny_model_dir, task_phantom):
     assert np.all(masks[0.5][masks[2.0]])
 
 
+def test_anomaly_scores_a_nodule_in_a_lung_cut_by_the_field_of_view(tiny_model_dir):
+    """A field of view inside the chest: the lung reaches every edge, so it is no hole of the
+    body; the nodule in it is still scored, and voxels the window clips (the lung, in a
+    soft-tissue window) are not."""
+    from MedDiffFMLib.tasks import anomaly
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    rng = np.random.default_rng(0)
+    hu = np.full((8, 24, 24), -850.0, np.float32)
+    hu[:, :6] = 40.0  # chest wall along one side
+    hu[3:6, 14:18, 10:14] = 30.0  # the nodule, well inside the lung
+    hu += rng.normal(0, 12, hu.shape).astype(np.float32)
+    image = Volume(hu, make_ijk_to_ras((2.0, 0.8, 0.8)))
+    params = {k: spec.default for k, spec in TASKS["anomaly"].params.items()}
+    models = Models.resolve(TASKS["anomaly"], tiny_model_dir)
+    plan = anomaly.prepare(TaskRequest(image=image, region="chest"), params, models)
+    nodule = np.zeros(hu.shape, bool)
+    nodule[3:6, 14:18, 10:14] = True
+    assert plan.body[nodule].all()
+    assert not preprocessing.estimate_body_mask(hu)[nodule].any()  # the -500 HU rule would lose it
+    # read in a soft-tissue window (an abdominal scan reaching the lung base), the lung is clipped
+    res = run_task("anomaly", TaskRequest(image=image, region="abdomen", params={"steps": 1, "reconstructions": 1}),
+                   tiny_model_dir, device="cpu")
+    amap = res.volumes["anomaly_map"].array
+    clipped = preprocessing.outside_window(hu, "abdomen")
+    assert clipped.any() and np.all(amap[clipped] == 0) and amap[~clipped].max() > 0
+
+
 def test_synthesize_grids_without_anatomy(tiny_model_dir, task_phantom):
     # the image gives the grid
     req = request_for("synthesize", task_phantom, anatomy=False)

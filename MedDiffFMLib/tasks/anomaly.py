@@ -1,18 +1,23 @@
 """Zero-shot anomaly detection by partial diffusion (AnoDDPM-style, as in MedDiff-FM).
 
-The image is diffused forward to a large t (default 950 of 1000), where lesion-scale
-detail is drowned in noise, and reconstructed by the foundation model, which has only seen
-(mostly) healthy anatomy; what the reconstruction does not reproduce is anomalous.
+The image is diffused forward to t = ``noise_fraction`` x T, where lesion-scale detail is
+drowned in noise, and reconstructed by the foundation model, which has only seen (mostly)
+healthy anatomy; what the reconstruction does not reproduce is anomalous. The paper goes to
+950 of 1000; the demo weights, trained far less, reconstruct anatomy faithfully only from
+less noise (held-out phantoms, voxel AUROC with labels: head 0.31 -> 0.57, abdomen
+0.35 -> 0.89 going from 0.95 to 0.4), and the mean of ``reconstructions`` samples is a
+steadier healthy estimate than one (3 samples: head 0.57 -> 0.81, abdomen 0.89 -> 0.94).
 
-Reconstructing from t = 950 needs context wider than a window, so it runs coarse to fine:
+Reconstructing from a large t needs context wider than a window, so it runs coarse to fine:
 the whole volume resized to one window is reconstructed first (the voxel-size condition
 tells the model how coarse), then refined on the input's own grid from ``refine_fraction``
 of T, so the map has the input's resolution.
 
-The anomaly map is the smoothed absolute difference as a robust z-score *per tissue group*
-(the whole body when no anatomy is given): tissues whose content is inherently unpredictable
-(bowel gas, enhancing vessels) then stop dominating the map. The volume score is a high
-quantile of the map in the body; the mask is the map above a z threshold.
+The anomaly map is the smoothed absolute difference, over the voxels inside the intensity
+window, as a robust z-score *per tissue group* (the whole body when no anatomy is given):
+tissues whose content is inherently unpredictable (bowel gas, enhancing vessels) then stop
+dominating the map. The volume score is a high quantile of the map in the body; the mask is
+the map above a z threshold.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from ..volume import Volume
 from .base import TaskRequest, TaskResult
 from .common import (Models, anatomy_groups, region_index, require_image, resolve_region, unknown_message,
                      voxel_volume_ml)
+
+
+BODY_THRESHOLD_HU = -950.0  # air is -1000 HU, lung parenchyma about -850
 
 
 def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np.ndarray:
@@ -86,11 +94,15 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
     groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
-    body = preprocessing.estimate_body_mask(image.array)
+    if not (np.asarray(image.array) > -500.0).any() and (groups is None or not (groups > 0).any()):
+        raise ValueError("no body found in the image (nothing above -500 HU): anomaly detection needs a patient")
+    # The patient with the lungs: just above air, on a lightly smoothed copy (at -500 HU a lung
+    # that reaches the edge of a cropped field of view is no hole to fill, and the nodules in it
+    # fall outside; measured on held-out chest cases: all 351 lesion voxels were lost)
+    body = preprocessing.estimate_body_mask(ndimage.gaussian_filter(np.asarray(image.array, np.float32), 1.0),
+                                            threshold_hu=BODY_THRESHOLD_HU)
     if groups is not None:
         body |= groups > 0
-    if not body.any():
-        raise ValueError("no body found in the image (nothing above -500 HU): anomaly detection needs a patient")
     t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
     unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
     return Plan(image, region, unit, body, groups, t_start, params, unknown_message(unknown))
@@ -113,15 +125,19 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
                                 progress=split_progress(progress, r / n, (r + 1) / n), cancel=cancel,
                                 stage=f"reconstruction {r + 1}/{n}")[0]
     recon = (recon / n).cpu().numpy()
-    diff = np.abs(recon - plan.unit).astype(np.float32)
+    # Voxels the window clips (air and lung in a soft-tissue window, dense bone) hold no
+    # intensity for the model to reproduce: their difference is no evidence, and it would
+    # swamp the map (measured on held-out chest cases without labels: AUROC 0.38 -> 0.97).
+    keep = preprocessing.outside_window(image.array, plan.region)
+    diff = np.where(keep, 0.0, np.abs(recon - plan.unit)).astype(np.float32)
     if p["smoothing_mm"] > 0:
         diff = ndimage.gaussian_filter(diff, p["smoothing_mm"] / np.asarray(image.spacing_kji))
     tissue = plan.groups if plan.groups is not None else np.ones(image.shape, dtype=np.int8)
-    amap = group_zscore(diff, tissue, plan.body)
-    mask = anomaly_mask(amap, plan.body, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)))
+    scored = plan.body & ~keep
+    amap = group_zscore(diff, tissue, scored if scored.any() else plan.body)
+    mask = anomaly_mask(amap, scored, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)))
     score = volume_score(amap, plan.body)
     # the reconstruction in HU; outside the window the model has nothing to say: the input
-    keep = preprocessing.outside_window(image.array, plan.region)
     recon_hu = np.where(keep, image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
     m = image.ijk_to_ras
     flagged_ml = float(mask.sum() * voxel_volume_ml(image))

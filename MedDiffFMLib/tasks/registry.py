@@ -214,13 +214,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
         "zero-shot anomaly detection: coarse reconstruction from a large t, refined at the input's resolution",
         module="anomaly", controlnet=None, needs_image=True, needs_mask=False, accepts_anatomy=True,
         params=_params(
-            noise_fraction=ParamSpec(float, 0.95, "diffuse to this fraction of T before reconstructing (the "
-                                                  "paper: 950 of 1000)", minimum=0.0, exclusive_minimum=True,
-                                     maximum=1.0),
-            refine_fraction=ParamSpec(float, 0.3, "the coarse reconstruction is refined at the input's "
+            noise_fraction=ParamSpec(float, 0.4, "diffuse to this fraction of T before reconstructing (the "
+                                                 "paper: 0.95, for a model trained far longer)", minimum=0.0,
+                                     exclusive_minimum=True, maximum=1.0),
+            refine_fraction=ParamSpec(float, 0.2, "the coarse reconstruction is refined at the input's "
                                                   "resolution from this fraction of T (0 = no refinement)",
                                       minimum=0.0, maximum=1.0),
-            reconstructions=ParamSpec(int, 1, "average the reconstructions of this many seeds", minimum=1, maximum=16),
+            reconstructions=ParamSpec(int, 3, "average the reconstructions of this many seeds (each is one "
+                                              "posterior sample: the mean is a steadier healthy estimate)",
+                                      minimum=1, maximum=16),
             smoothing_mm=ParamSpec(float, 2.0, "Gaussian smoothing (sigma) of the difference map",
                                    minimum=0.0, maximum=50.0, unit="mm"),
             threshold=ParamSpec(float, 4.0, "anomaly-map threshold: robust z-score within the voxel's tissue group",
