@@ -13,15 +13,17 @@ STEPS=${STEPS:-superres=4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
-run() { meddiff-fm benchmark --device "${DEVICE:-cpu}" --quiet --steps $STEPS "$@"; }
-run --sections denoise,superres --cases "$CASES" --families heldout -o "$OUT/heldout_restoration.json" > "$OUT/a.log" &
+# the tables go to $OUT/*.log, the progress lines to $OUT/*.progress
+run() { meddiff-fm benchmark --device "${DEVICE:-cpu}" --steps $STEPS "$@"; }
+run --sections denoise,superres,synthesis --cases "$CASES" --families heldout -o "$OUT/heldout_a.json" \
+    > "$OUT/a.log" 2> "$OUT/a.progress" &
 a=$!
-run --sections anomaly,synthesis,inpaint,lesion --cases "$CASES" --families heldout -o "$OUT/heldout_other.json" \
-    > "$OUT/b.log" &
+run --sections anomaly,inpaint,lesion --cases "$CASES" --families heldout -o "$OUT/heldout_b.json" \
+    > "$OUT/b.log" 2> "$OUT/b.progress" &
 b=$!
 wait $a
 wait $b
 if [ "$TRAINING_CASES" -gt 0 ]; then
-    run --cases "$TRAINING_CASES" --families training -o "$OUT/training.json" > "$OUT/c.log"
+    run --cases "$TRAINING_CASES" --families training -o "$OUT/training.json" > "$OUT/c.log" 2> "$OUT/c.progress"
 fi
 python -m MedDiffFMLib.benchmark.card "$OUT"/*.json

@@ -18,7 +18,7 @@ meddiff-fm train --preset small --phantoms 96 --phantom-seed 0 --phantom-family 
     --batch-size 2 --lr 2e-4 --ema-decay 0.995 --checkpoint-every 100 --seed 0 --device cpu --precision bf16 \
     --out "$OUT/base_v2" ${RESUME:---init-from ${V1_BASE:-Resources/models/meddifffm-demo-base}}
 meddiff-fm export "$OUT/base_v2/model" --fp16 --to Resources/models/meddifffm-demo-base --register \
-    --id meddifffm-demo-base --version "demo-2" --default --min-gpu-memory-gb 1 \
+    --id meddifffm-demo-base --version "demo-2.1" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
 #    super-resolution over factors 2-6 on thin-slice phantoms, and lesions (side by side, one core each);
@@ -34,6 +34,6 @@ meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --
 wait
 for task in superres lesion; do
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
-        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "demo-2" --min-gpu-memory-gb 1 \
+        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "demo-2.1" --min-gpu-memory-gb 1 \
         --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
 done
