@@ -56,6 +56,15 @@ def test_too_few_cases_are_said():
     assert "(n = 3 < 5)" in v[("denoise", "PSNR >= non-local means with sigma estimated")].measured
 
 
+def test_bars_in_a_target_are_escaped_in_the_table():
+    rows = Rows()
+    for c in range(5):
+        rows.add("heldout", "inpaint", "healthy content", "model (RePaint + lesion ControlNet)", f"c{c}",
+                 abs_delta_mean_hu=10.0, std_ratio=1.2)
+    line = next(t for t in card.results_markdown(_result(rows)).splitlines() if "ring mean" in t)
+    assert "\\|mask mean - ring mean\\|" in line and line.count(" | ") == 3 and line.endswith("| met |")
+
+
 def test_anomaly_synthesis_lesion_targets():
     rows = Rows()
     for c in range(5):
@@ -123,6 +132,7 @@ def test_command_rewrites_the_card_and_readme(tmp_path, capsys):
     assert "### Denoising (held-out family)" in text  # the run's own tables follow the targets
     head = readme.read_text(encoding="utf-8")
     assert "**Denoising**, " in head and "targets met" in head and "old" not in head
+    assert "**Anomaly detection**: not measured in this run." in head
     # a README without markers: an error, and neither file is touched
     readme.write_text("no markers\n", encoding="utf-8")
     before = card_md.read_text(encoding="utf-8")

@@ -203,7 +203,7 @@ def _inpaint(result) -> list[Verdict]:
     n = _n(result, "inpaint", "healthy content", model, "abs_delta_mean_hu")
     d_in = _mean(result, "inpaint", "healthy content", "input (unchanged)", "abs_delta_mean_hu")
     return [Verdict("inpaint", "|mask mean - ring mean| <= 15 HU (healthy content)",
-                    f"{_fmt(d, 1)} HU (the lesion input: {_fmt(d_in, 1)} HU){_cases_note(n)}",
+                    f"{_fmt(d, 1)} HU (the unchanged input: {_fmt(d_in, 1)} HU){_cases_note(n)}",
                     None if d is None else d <= 15.0),
             Verdict("inpaint", "texture std within 50% of the ring's", f"ratio {_fmt(s)}",
                     None if s is None else abs(s - 1.0) <= 0.5)]
@@ -258,8 +258,9 @@ def results_markdown(result: dict) -> str:
              "clinical results.",
              "", "### Against the targets", "", "| task | target | measured (held-out, mean over cases) | |",
              "|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731  (a bar inside a cell ends it)
     for v in verdicts(result):
-        lines.append(f"| {SECTION_TITLES[v.section]} | {v.target} | {v.measured} | {v.label} |")
+        lines.append(f"| {SECTION_TITLES[v.section]} | {cell(v.target)} | {cell(v.measured)} | {v.label} |")
     tables = format_markdown(result).split("\n")
     start = next((i for i, t in enumerate(tables) if t.startswith("## ")), len(tables))
     lines += [""] + ["#" + t if t.startswith("## ") else t for t in tables[start:]]
@@ -276,6 +277,9 @@ def headline_markdown(result: dict) -> str:
     for section, vs in by_section.items():
         met = sum(v.met is True for v in vs)
         judged = sum(v.met is not None for v in vs)
+        if not judged:
+            lines.append(f"- **{SECTION_TITLES[section]}**: not measured in this run.")
+            continue
         facts = "; ".join(f"{v.target}: {v.measured} ({v.label})" for v in vs)
         lines.append(f"- **{SECTION_TITLES[section]}**, {met} of {judged} targets met: {facts}.")
     return "\n".join(lines) + "\n"
