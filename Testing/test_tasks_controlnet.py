@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from MedDiffFMLib import cli, io
 from MedDiffFMLib.geometry import make_ijk_to_ras
@@ -274,6 +275,51 @@ def test_rejects_a_mask_outside_the_image(tiny_model_dir, tiny_controlnet_dirs, 
     req = request_for(task, task_phantom, mask=False, anatomy=False)
     req.mask = Volume(np.ones((5, 6, 7), np.uint8), m)
     _expect_value_error(task, req, tiny_model_dir, tiny_controlnet_dirs, "mask is empty on the image grid")
+
+
+@pytest.mark.parametrize("content", ["healthy", "lesion"])
+def test_inpaint_control_shows_surrounding_tissue_for_healthy_content(tiny_model_dir, tiny_controlnet_dirs,
+                                                                      task_phantom, monkeypatch, content):
+    """Healthy content: no lesion mask and, inside the mask, the median of the tissue around it
+    (what the ControlNet saw for healthy cases: an intact image), never the replaced content nor
+    a blank. Lesion content: the mask and the blank, as in training."""
+    from MedDiffFMLib import conditions
+    from MedDiffFMLib.tasks import inpaint
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    seen = []
+    original = conditions.lesion_condition
+    def recording(image, mask):
+        seen.append(original(image, mask))
+        return seen[-1]
+
+    monkeypatch.setattr(conditions, "lesion_condition", recording)
+    req = request_for("inpaint", task_phantom, {"content": content}, anatomy=False)
+    run("inpaint", req, tiny_model_dir, tiny_controlnet_dirs)
+    params = {**{k: v.default for k, v in TASKS["inpaint"].params.items()}, **req.params}
+    models = Models.resolve(TASKS["inpaint"], tiny_model_dir, tiny_controlnet_dirs["lesion"])
+    plan = inpaint.prepare(req, params, models)
+    y, m = plan.box_tensors("cpu")
+    (control,) = seen
+    assert torch.equal(control[1][~m], y[~m])
+    if content == "healthy":
+        fill = inpaint.surrounding_median(plan.unit_box, plan.mask[plan.box], req.image.spacing_kji)
+        assert not control[0].any()
+        assert torch.all(control[1][m] == fill) and abs(fill - conditions.BLANK_VALUE) > 1e-3
+    else:
+        assert torch.equal(control[0].bool(), m) and torch.all(control[1][m] == conditions.BLANK_VALUE)
+
+
+def test_surrounding_median_reads_the_shell_around_the_mask():
+    from MedDiffFMLib.tasks.inpaint import surrounding_median
+
+    unit = np.full((12, 12, 12), -0.8, np.float32)
+    unit[2:10, 2:10, 2:10] = 0.3  # the organ
+    unit[5:7, 5:7, 5:7] = 0.9  # the lesion being removed
+    mask = np.zeros(unit.shape, bool)
+    mask[5:7, 5:7, 5:7] = True
+    assert surrounding_median(unit, mask, (1.0, 1.0, 1.0)) == pytest.approx(0.3)
 
 
 def test_inpaint_rejects_unknown_content(tiny_model_dir, tiny_controlnet_dirs, task_phantom):
