@@ -87,7 +87,9 @@ def test_anomaly_synthesis_lesion_targets():
     assert v[("anomaly", "volume AUROC >= 0.95")].met is True
     assert v[("anomaly", "< 5 ml flagged on healthy volumes")].met is True
     synthesis = v[("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group")]
-    assert synthesis.met is None and "liver: not present" in synthesis.measured  # groups missing: not judged
+    # groups outside the fields of view are said and left out; the lung (0.5 of 1.0) misses
+    assert synthesis.met is False and "liver: not present" in synthesis.measured
+    assert "lung: 0.50 / 1.00" in synthesis.measured
     contrast = v[("lesion", "|contrast| within the range of the family's own lesions")]
     assert contrast.met is True and "20.0-60.0" in contrast.measured
     assert v[("lesion", "threshold Dice within the range of the family's own lesions")].met is False
@@ -101,6 +103,9 @@ def test_merge_refuses_other_models_and_duplicate_rows():
         card.merge_results([a, _restoration(37.0, 35.0)])
     merged = card.merge_results([a, _result(Rows(), command="second")])
     assert len(merged["rows"]) == len(a["rows"]) and merged["meta"]["command"].endswith("; second")
+    fewer = _result(Rows(), command="third")
+    fewer["meta"]["cases"] = 3
+    assert card.merge_results([a, fewer])["meta"]["cases"] == "3-5"
 
 
 def test_replace_between_markers():

@@ -71,6 +71,9 @@ def merge_results(results: Sequence[dict]) -> dict:
     main = next((r for r in results if FAMILY in r["meta"].get("families", [FAMILY])), results[0])
     meta = dict(main["meta"])
     meta["command"] = " ; ".join(r["meta"]["command"] for r in results)
+    counts = sorted({int(r["meta"]["cases"]) for r in results if FAMILY in r["meta"].get("families", [FAMILY])})
+    if len(counts) > 1:  # sections run with different numbers of cases
+        meta["cases"] = f"{counts[0]}-{counts[-1]}"
     captions = {}
     for r in results:
         captions.update(r.get("captions", {}))
@@ -185,9 +188,8 @@ def _synthesis(result) -> list[Verdict]:
     for g in SYNTHESIS_GROUPS:
         m = _mean(result, "synthesis", g, "model", "threshold_dice")
         c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
-        if m is None or c is None:
+        if m is None or c is None:  # not in these fields of view: judged on the groups present
             parts.append(f"{g}: not present")
-            flags.append(None)
             continue
         n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
         parts.append(f"{g}: {m:.2f} / {c:.2f} = {m / c:.2f}" if c > 0 else f"{g}: ceiling 0")
