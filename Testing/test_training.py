@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from MedDiffFMLib import anatomy
 from MedDiffFMLib.checkpoint import load_base, read_config
-from MedDiffFMLib.networks import NULL_REGION, preset
+from MedDiffFMLib.networks import NULL_REGION, REGION_INDEX, preset
 from MedDiffFMLib.training import Case, Trainer, TrainOptions, draw_batch, draw_sample
 
 HERE = Path(__file__).resolve().parent
@@ -191,6 +191,37 @@ def test_train_options_are_validated():
         TrainOptions(precision="fp8")
     with pytest.raises(ValueError, match="no training cases"):
         Trainer([], "unused", TrainOptions(), preset("tiny"), device="cpu")
+
+
+def test_manifest_cases_from_a_folder_and_a_json_manifest(tmp_path):
+    """Real-CT training data: images on their own grids (no resampling), labels from a
+    ``labels/`` folder of the same names or from the manifest, regions as given or guessed."""
+    from MedDiffFMLib import io
+    from MedDiffFMLib.phantoms import make_phantom
+    from MedDiffFMLib.training import manifest_cases
+
+    cfg = preset("tiny")
+    (tmp_path / "labels").mkdir()
+    spacings = {"a.nii.gz": (2.5, 0.8, 0.7), "b.nii.gz": (1.0, 1.2, 1.2)}
+    for i, (name, spacing) in enumerate(spacings.items()):
+        ph = make_phantom("abdomen", shape_kji=(6, 16, 16), spacing_kji=spacing, seed=i, noise_hu=5.0)
+        io.write_volume(tmp_path / name, ph.volume())
+        if name == "a.nii.gz":
+            io.write_volume(tmp_path / "labels" / name, ph.label_volume(), label_names=ph.label_names)
+    cases = manifest_cases(tmp_path, cfg, default_region="abdomen")
+    assert [c.name for c in cases] == list(spacings)
+    for c, spacing in zip(cases, spacings.values()):
+        np.testing.assert_allclose(c.spacing, spacing, rtol=1e-5)
+        assert tuple(c.image.shape) == (6, 16, 16) and float(c.image.abs().max()) <= 1.0
+    assert cases[0].groups is not None and int(cases[0].groups.max()) > 0 and cases[1].groups is None
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([{"image": "b.nii.gz", "labels": "labels/a.nii.gz", "region": "chest"}]),
+                        encoding="utf-8")
+    (case,) = manifest_cases(manifest, cfg)
+    assert case.region == REGION_INDEX["chest"] and case.groups is not None
+    with pytest.raises(ValueError, match="without 'image'"):
+        manifest.write_text(json.dumps([{"labels": "x"}]), encoding="utf-8")
+        manifest_cases(manifest, cfg)
 
 
 def test_adult_phantom_cases_sit_on_clinical_oblique_grids():

@@ -47,8 +47,8 @@ def case_from_arrays(hu: np.ndarray, ijk_to_ras: np.ndarray, region: Optional[st
                      labels: Optional[np.ndarray] = None, label_names=None, name: str = "") -> Case:
     """A CT (and its labels) windowed to model units on its own grid (no resampling: the model
     is conditioned on voxel size, so it learns at the resolution the data come at)."""
-    from . import preprocessing
-    from .geometry import spacing_kji
+    from .. import preprocessing
+    from ..geometry import spacing_kji
 
     if region is None:
         region = preprocessing.guess_region(hu, ijk_to_ras)
@@ -147,7 +147,7 @@ def manifest_cases(manifest: str | os.PathLike, cfg: ModelConfig, default_region
     """Cases from a JSON manifest ``[{"image": ..., "labels": ..., "region": ...}, ...]`` (paths
     relative to the manifest) or from a folder of images (``*.nii.gz``, ``*.nii``, ``*.nrrd``,
     ``*.mha``) with optional label maps of the same name in a ``labels/`` sub-folder."""
-    from . import io
+    from .. import io
 
     path = Path(manifest)
     entries = []
