@@ -200,10 +200,15 @@ def _image_cases(args, cfg, thin_slices: bool = False) -> list:
     if args.data:
         cases += manifest_cases(args.data, cfg, args.region)
     if args.phantoms:
-        cases += phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, fov_mm=args.phantom_fov,
-                               noise_hu=args.phantom_noise, max_voxels=args.phantom_max_voxels,
-                               thin_slices=thin_slices, family=args.phantom_family)
+        cases += phantom_cases(args.phantoms, cfg, noise_hu=args.phantom_noise, thin_slices=thin_slices,
+                               **_phantom_options(args))
     return cases
+
+
+def _phantom_options(args) -> dict:
+    """What every phantom source takes from the --phantom-* options."""
+    return {"seed": args.phantom_seed, "fov_mm": args.phantom_fov, "max_voxels": args.phantom_max_voxels,
+            "family": args.phantom_family}
 
 
 def cmd_finetune(args) -> int:
@@ -230,9 +235,7 @@ def cmd_finetune(args) -> int:
         if args.data:
             cases += _lesion_manifest(args.data, cfg, args.region)
         if args.phantoms:
-            cases += lesion_phantom_cases(args.phantoms, cfg, seed=args.phantom_seed, lesions=args.lesions,
-                                          fov_mm=args.phantom_fov, max_voxels=args.phantom_max_voxels,
-                                          family=args.phantom_family)
+            cases += lesion_phantom_cases(args.phantoms, cfg, lesions=args.lesions, **_phantom_options(args))
     if not cases:
         raise UsageError("no training data: give --data and/or --phantoms N")
     cn_cfg = ControlNetConfig(task=args.task, control_channels=CONTROL_CHANNELS[args.task], base=cfg,
