@@ -30,7 +30,6 @@ from .rows import find_row
 FAMILY = "heldout"  # the targets are judged on data the weights never saw
 MIN_CASES = 5
 SYNTHESIS_GROUPS = ("bone", "lung", "liver", "kidney", "spleen", "muscle")
-MARKERS = ("weights", "results", "headline")
 
 
 @dataclass
@@ -332,8 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     write_text_atomic(card, card_text)
     write_text_atomic(readme, readme_text)
-    met = sum(v.met is True for v in verdicts(result))
-    print(f"wrote {card} and {readme}: {met} of {len(verdicts(result))} targets met")
+    judged = verdicts(result)
+    print(f"wrote {card} and {readme}: {sum(v.met is True for v in judged)} of {len(judged)} targets met")
     return 0
 
 
