@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from MedDiffFMLib import cli, io
+from MedDiffFMLib import cli, io, preprocessing
 from MedDiffFMLib.geometry import make_ijk_to_ras
-from MedDiffFMLib.tasks import Cancelled, run_task
+from MedDiffFMLib.tasks import Cancelled, TaskRequest, run_task
 from MedDiffFMLib.sampling import repaint_schedule
 from MedDiffFMLib.volume import Volume
 
@@ -114,6 +114,32 @@ def test_voxels_outside_the_mask_are_bit_identical(runs, task):
     assert 0 < m.sum() < m.size
     assert np.array_equal(out[~m], img[~m])
     assert not np.array_equal(out[m], img[m])
+
+
+START_NEAR_THE_IMAGE = {"lesion": {"noise_fraction": 0.05}}  # random weights would push all content to the window
+
+
+@pytest.mark.parametrize("task", MASKED)
+def test_new_content_gets_the_image_noise(tiny_model_dir, tiny_controlnet_dirs, task):
+    """The generated voxels carry the scan's own noise level; the voxels outside the mask and
+    the model's part of the content are the same with or without it."""
+    from conftest import task_grid
+
+    m, shape, noise_hu = task_grid(), (12, 24, 24), 15.0
+    hu = (40.0 + np.random.default_rng(5).normal(0.0, noise_hu, shape)).astype(np.float32)
+    mask = Volume(ball_mask(m, shape, centre_ras(m, shape), 5.0), m)
+    out = {}
+    for match in (False, True):
+        req = TaskRequest(image=Volume(hu.copy(), m), region=REGION, mask=mask,
+                          params={**PARAMS[task], **START_NEAR_THE_IMAGE.get(task, {}), "match_noise": match})
+        out[match] = run(task, req, tiny_model_dir, tiny_controlnet_dirs).volumes[next(iter(OUTPUTS[task][0]))].array
+    inside = mask.array
+    assert np.array_equal(out[True][~inside], hu[~inside]) and np.array_equal(out[False][~inside], hu[~inside])
+    lo, hi = preprocessing.window_bounds(REGION)  # content is kept inside the window: noise there is clipped
+    unclipped = inside & (out[False] > lo + 4 * noise_hu) & (out[False] < hi - 4 * noise_hu)
+    added = (out[True] - out[False])[unclipped]
+    assert unclipped.sum() > 50 and abs(added.mean()) < 0.3 * noise_hu
+    assert added.std() == pytest.approx(noise_hu, rel=0.2)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -190,6 +190,8 @@ def _params(**extra: ParamSpec) -> dict[str, ParamSpec]:
 _LOCAL = {
     "margin_mm": ParamSpec(float, 16.0, "context around the mask that the sampler sees", minimum=0.0,
                            maximum=200.0, unit="mm"),
+    "match_noise": ParamSpec(bool, True, "add the image's own noise level to the new content, so that it is not "
+                                         "smoother than the tissue around it"),
 }
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
