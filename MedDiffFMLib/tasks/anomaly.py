@@ -13,8 +13,8 @@ the whole volume resized to one window is reconstructed first (the voxel-size co
 tells the model how coarse), then refined on the input's own grid from ``refine_fraction``
 of T, so the map has the input's resolution.
 
-The anomaly map is the smoothed absolute difference, over the voxels inside the intensity
-window, as a robust z-score *per tissue group* (the whole body when no anatomy is given):
+The anomaly map is the absolute value of the smoothed difference, over the voxels inside the
+intensity window, as a robust z-score *per tissue group* (the whole body when no anatomy is given):
 tissues whose content is inherently unpredictable (bowel gas, enhancing vessels) then stop
 dominating the map. The volume score is a high quantile of the map in the body; the mask is
 the map above a z threshold.
@@ -129,9 +129,14 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     # intensity for the model to reproduce: their difference is no evidence, and it would
     # swamp the map (measured on held-out chest cases without labels: AUROC 0.38 -> 0.97).
     keep = preprocessing.outside_window(image.array, plan.region)
-    diff = np.where(keep, 0.0, np.abs(recon - plan.unit)).astype(np.float32)
+    diff = np.where(keep, 0.0, recon - plan.unit).astype(np.float32)
+    # Smoothed while signed: a lesion the reconstruction replaces by healthy tissue is an offset
+    # of one sign, which smoothing keeps; its errors at edges and in texture alternate in sign
+    # and cancel (3 held-out cases at z > 4: flagged on healthy volumes 58 -> 21 ml with labels,
+    # 121 -> 41 ml without; voxel AUROC 0.957 -> 0.952 with labels, 0.849 -> 0.874 without).
     if p["smoothing_mm"] > 0:
         diff = ndimage.gaussian_filter(diff, p["smoothing_mm"] / np.asarray(image.spacing_kji))
+    diff = np.abs(diff)
     tissue = plan.groups if plan.groups is not None else np.ones(image.shape, dtype=np.int8)
     scored = plan.body & ~keep
     amap = group_zscore(diff, tissue, scored if scored.any() else plan.body)
