@@ -216,3 +216,13 @@ def test_noise_estimate_measures_the_total_noise(noise):
     lo, hi = preprocessing.window_bounds(REGION)
     estimate_hu = estimate_noise(preprocessing.hu_to_unit(noisy, REGION)) * (hi - lo) / 2
     assert estimate_hu == pytest.approx(noise_hu, rel=0.05)
+
+
+def test_noise_estimate_of_a_three_slice_image_uses_the_finest_scale():
+    """Too thin for the 4-voxel blocks: the finest-scale residual alone (white noise: unbiased)."""
+    from MedDiffFMLib.tasks.denoise import estimate_noise
+
+    unit = np.random.default_rng(0).normal(0.0, 0.1, (3, 20, 20))
+    assert estimate_noise(unit) == pytest.approx(0.1, rel=0.1)
+    with pytest.raises(ValueError, match="too thin"):
+        estimate_noise(unit[:2])

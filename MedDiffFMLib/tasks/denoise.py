@@ -42,46 +42,50 @@ MAX_TOTAL_PER_FINEST = 1.25
 
 
 def estimate_noise(unit: np.ndarray) -> float:
-    """Noise standard deviation (model units): the median standard deviation of the flattest
-    :data:`NOISE_BLOCK`-voxel cubes that the window does not clip, at most
-    :data:`MAX_TOTAL_PER_FINEST` x :func:`finest_residual`.
+    """Noise standard deviation (model units); see :func:`noise_measures`."""
+    return noise_measures(unit)[0]
 
-    The blocks measure the *total* noise, correlated or not. The finest-scale residual alone,
-    scaled as if the noise were white, read 21-23 HU for 25 HU of ramp-filtered CT noise and
-    13.5 HU for 25 HU of Gaussian-correlated noise (0.7 mm); the blocks read 23-26 HU for
+
+def noise_measures(unit: np.ndarray) -> tuple[float, float]:
+    """(noise standard deviation, :func:`finest_residual`), model units.
+
+    The noise level is the median standard deviation of the flattest :data:`NOISE_BLOCK`-voxel
+    cubes that the window does not clip, at most :data:`MAX_TOTAL_PER_FINEST` x the finest
+    residual. The blocks measure the *total* noise, correlated or not. The finest-scale residual
+    alone, scaled as if the noise were white, read 21-23 HU for 25 HU of ramp-filtered CT noise
+    and 13.5 HU for 25 HU of Gaussian-correlated noise (0.7 mm); the blocks read 23-26 HU for
     both. "Flattest" is the lowest :data:`FLAT_BLOCK_FRACTION` of the mean smoothed gradient,
-    so that edges do not count.
+    so that edges do not count. Images too thin or too clipped for blocks get the finest
+    residual alone (0 where that too has too few voxels).
     """
-    b = NOISE_BLOCK
     x = unit.astype(np.float64)
-    if min(x.shape) < b:
-        raise ValueError(f"the image is too thin (< {b} voxels on an axis) to estimate its noise; give noise_level")
+    if min(x.shape) < 3:
+        raise ValueError("the image is too thin (< 3 voxels on an axis) to estimate its noise; give noise_level")
+    edges = ndimage.gaussian_gradient_magnitude(ndimage.gaussian_filter(x, 1.5), 1.0)
+    finest = finest_residual(x, edges)
+    b = NOISE_BLOCK
     d, h, w = (s // b * b for s in x.shape)
-    x = x[:d, :h, :w]
 
     def per_block(a: np.ndarray) -> np.ndarray:
-        return a.reshape(d // b, b, h // b, b, w // b, b)
+        return a[:d, :h, :w].reshape(d // b, b, h // b, b, w // b, b)
 
     blocks = per_block(x)
     ok = (np.abs(blocks) < 0.98).all(axis=(1, 3, 5))
-    finest = finest_residual(unit)
     if ok.sum() < 5:  # fewer than 320 unclipped voxels in whole blocks: the finest scale alone
-        return finest if np.isfinite(finest) else 0.0
-    grad = per_block(ndimage.gaussian_gradient_magnitude(ndimage.gaussian_filter(x, 1.5), 1.0)).mean(axis=(1, 3, 5))
+        return (finest if np.isfinite(finest) else 0.0), finest
+    grad = per_block(edges).mean(axis=(1, 3, 5))
     flat = ok & (grad <= np.quantile(grad[ok], FLAT_BLOCK_FRACTION))
     total = float(np.median(blocks.std(axis=(1, 3, 5), ddof=1)[flat]))
-    return min(total, MAX_TOTAL_PER_FINEST * finest)
+    return min(total, MAX_TOTAL_PER_FINEST * finest), finest
 
 
-def finest_residual(unit: np.ndarray) -> float:
-    """Robust spread (model units) of the residual against the mean of the 6 face neighbours,
-    scaled to a white-noise standard deviation (its variance is 7/6 s^2 for white noise), over
-    voxels neither clipped by the window nor on edges (lowest 40 % of the smoothed gradient).
-    It sees only the finest-scale part of the noise (a lower bound for correlated noise), which
-    is what tells noise from smooth anatomy and texture."""
-    x = unit.astype(np.float64)
-    if min(x.shape) < 3:
-        return float("inf")
+def finest_residual(x: np.ndarray, edges: np.ndarray) -> float:
+    """Robust spread of the residual of ``x`` (model units, >= 3 voxels per axis) against the
+    mean of the 6 face neighbours, scaled to a white-noise standard deviation (its variance is
+    7/6 s^2 for white noise), over voxels neither clipped by the window nor on edges (lowest
+    40 % of ``edges``, the smoothed gradient magnitude); infinite (no opinion) with fewer than
+    100 such voxels. It sees only the finest-scale part of the noise (a lower bound for
+    correlated noise), which is what tells noise from smooth anatomy and texture."""
     kernel = np.zeros((3, 3, 3))
     kernel[1, 1, 1] = 1.0
     for a in range(3):
@@ -90,7 +94,7 @@ def finest_residual(unit: np.ndarray) -> float:
             idx[a] = o
             kernel[tuple(idx)] = -1 / 6
     resid = ndimage.convolve(x, kernel, mode="nearest")[1:-1, 1:-1, 1:-1]
-    grad = ndimage.gaussian_gradient_magnitude(ndimage.gaussian_filter(x, 1.5), 1.0)[1:-1, 1:-1, 1:-1]
+    grad = edges[1:-1, 1:-1, 1:-1]
     ok = np.abs(x[1:-1, 1:-1, 1:-1]) < 0.98
     if ok.sum() < 100:
         return float("inf")
@@ -138,10 +142,12 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     hu_per_unit = (hi - lo) / 2.0
     unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
     given = params["noise_level"] > 0
-    noise_hu = params["noise_level"] if given else estimate_noise(unit) * hu_per_unit
+    if given:
+        noise_hu, detail_hu = params["noise_level"], float("inf")
+    else:
+        noise, finest = noise_measures(unit)
+        noise_hu, detail_hu = noise * hu_per_unit, min(finest_detail_hu(image.array, region), finest * hu_per_unit)
     groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
-    detail_hu = float("inf") if given else min(finest_detail_hu(image.array, region),
-                                                finest_residual(unit) * hu_per_unit)
     return Plan(image, region, unit, hu_per_unit, float(noise_hu), detail_hu,
                 noise_hu * params["strength"] / hu_per_unit, groups, params, unknown_message(unknown))
 

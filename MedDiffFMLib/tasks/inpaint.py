@@ -11,7 +11,7 @@ import numpy as np
 
 from ..volume import Volume
 from .base import TaskResult
-from .lesion import NOISE_MATCH_SEED_OFFSET, LocalPlan, prepare_local
+from .lesion import LocalPlan, prepare_local
 
 prepare = prepare_local
 
@@ -50,7 +50,7 @@ def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
                         jump_length=p["jump_length"], jump_n_sample=p["jump_n_sample"], gen=sampler.generator(),
                         eta=sampler.options.step_eta, clip_x0=sampler.options.clip_x0, progress=progress,
                         cancel=cancel)
-    out = plan.paste(x.cpu().numpy(), sampler.generator(NOISE_MATCH_SEED_OFFSET))
+    out = plan.paste(x.cpu().numpy(), sampler)
     change = float(out[mask].mean() - np.asarray(image.array)[mask].mean())
     return TaskResult(
         volumes={"inpainted": Volume(out, image.ijk_to_ras.copy())},

@@ -20,7 +20,7 @@ from ..volume import Volume
 from .base import TaskRequest, TaskResult
 from .common import (Models, anatomy_groups, box_around, coord_range, mask_on_image, region_index, require_image,
                      resolve_region, unknown_message, voxel_volume_ml)
-from .denoise import NOISE_BLOCK, estimate_noise
+from .denoise import estimate_noise
 
 
 NOISE_MATCH_SEED_OFFSET = 7  # its own noise stream, apart from the sampler's
@@ -55,25 +55,26 @@ class LocalPlan:
         return torch.from_numpy(self.unit_box).to(device), torch.from_numpy(self.mask[self.box]).to(device)
 
     def image_noise_unit(self) -> float:
-        """The image's own noise standard deviation around the mask (model units)."""
-        return estimate_noise(self.unit_box) if min(self.unit_box.shape) >= NOISE_BLOCK else 0.0
+        """The image's own noise standard deviation around the mask (model units; 0 for a box
+        under 3 voxels thick, too thin to measure it)."""
+        return estimate_noise(self.unit_box) if min(self.unit_box.shape) >= 3 else 0.0
 
-    def paste(self, generated_unit: np.ndarray, gen=None) -> np.ndarray:
+    def paste(self, generated_unit: np.ndarray, sampler) -> np.ndarray:
         """The input with the generated box content inside the mask, in HU; outside the mask
         the input's values bit for bit.
 
         The model draws noise-free tissue, so a scan's own noise is added to the new content
         when ``params["match_noise"]`` (white, of the level :meth:`image_noise_unit` measures,
-        drawn from the torch generator ``gen``): a smooth patch in a noisy scan is a tell-tale
+        from the sampler's seed on a stream of its own): a smooth patch in a noisy scan is a tell-tale
         of editing (measured on held-out inpainting with 12 HU of noise: std inside / std
         around 0.42 without it)."""
         import torch
 
         out = np.array(self.image.array, dtype=np.float32, copy=True)
         inside = self.mask[self.box]
-        if self.params.get("match_noise") and gen is not None:
-            sigma = self.image_noise_unit()
-            generated_unit = generated_unit + sigma * torch.randn(generated_unit.shape, generator=gen).numpy()
+        if self.params["match_noise"]:
+            noise = torch.randn(generated_unit.shape, generator=sampler.generator(NOISE_MATCH_SEED_OFFSET)).numpy()
+            generated_unit = generated_unit + self.image_noise_unit() * noise
         gen_hu = preprocessing.unit_to_hu(generated_unit, self.region).astype(np.float32)
         out[self.box] = np.where(inside, gen_hu, out[self.box])
         return out
@@ -112,7 +113,7 @@ def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
     x = partial_diffusion(den, sampler.schedule, y, t_start, p["steps"], gen=sampler.generator(),
                           eta=sampler.options.step_eta, clip_x0=sampler.options.clip_x0, progress=progress,
                           cancel=cancel, stage="lesion generation")
-    out = plan.paste(x.cpu().numpy(), sampler.generator(NOISE_MATCH_SEED_OFFSET))
+    out = plan.paste(x.cpu().numpy(), sampler)
     contrast = float(out[mask].mean() - np.asarray(image.array)[mask].mean())
     return TaskResult(
         volumes={"lesion": Volume(out, image.ijk_to_ras.copy())},
