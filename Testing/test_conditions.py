@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from MedDiffFMLib.conditions import (BLANK_VALUE, lesion_condition, project_slab_means, slab_interpolate, slab_means,
-                                     superres_condition, superres_training_condition)
+                                     slab_parabolic, superres_condition, superres_training_condition)
 from MedDiffFMLib.geometry import make_ijk_to_ras, regrid, voxel_to_ras
 
 
@@ -61,6 +61,34 @@ def test_slab_projection_is_exact_orthogonal_and_never_moves_away_from_the_truth
     change = (proj - guess).reshape(4, f, 5, 4)
     assert torch.allclose(change, change[:, :1].expand_as(change))
     torch.testing.assert_close(project_slab_means(truth, thick, f), truth, atol=1e-9, rtol=0)  # a fixed point
+
+
+@pytest.mark.parametrize("factor", [2, 3, 5, 6])
+def test_parabolic_slabs_keep_every_slab_mean_and_add_no_extrema(factor):
+    g = torch.Generator().manual_seed(factor)
+    thick = torch.randn(9, 4, 5, generator=g, dtype=torch.float64) * 300 - 200  # air to bone, in or out of any window
+    thin = slab_parabolic(thick, factor)
+    assert thin.shape == (9 * factor, 4, 5) and thin.dtype == torch.float64
+    torch.testing.assert_close(slab_means(thin, factor), thick, atol=1e-9, rtol=0)
+    # no new extrema: each thin slice lies between the lowest and highest of its slab and the two beside it
+    padded = torch.cat([thick[:1], thick, thick[-1:]])
+    low = torch.minimum(torch.minimum(padded[:-2], padded[1:-1]), padded[2:]).repeat_interleave(factor, 0)
+    high = torch.maximum(torch.maximum(padded[:-2], padded[1:-1]), padded[2:]).repeat_interleave(factor, 0)
+    assert bool((thin >= low - 1e-9).all()) and bool((thin <= high + 1e-9).all())
+
+
+def test_parabolic_slabs_are_exact_on_ramps_and_keep_a_step_inside_its_slab():
+    f = 4
+    k = torch.arange(40, dtype=torch.float64)
+    ramp = (3.0 * k - 20)[:, None, None].expand(40, 2, 3)
+    torch.testing.assert_close(slab_parabolic(slab_means(ramp, f), f)[2 * f:-2 * f], ramp[2 * f:-2 * f])
+    step = torch.where(k < 22, 0.0, 100.0).double()[:, None, None].expand(40, 2, 3)  # jumps inside slab 5 (thin 20-23)
+    thick = slab_means(step, f)
+    parabolic, linear = slab_parabolic(thick, f), slab_interpolate(thick, f)
+    outside = torch.cat([torch.arange(20), torch.arange(24, 40)])
+    torch.testing.assert_close(parabolic[outside], step[outside], atol=1e-9, rtol=0)  # the plateaus stay exact
+    assert float((linear[outside] - step[outside]).abs().max()) > 10  # interpolation spreads the jump over two slabs
+    assert float((parabolic - step).norm()) < 0.9 * float((linear - step).norm())
 
 
 def test_superres_condition_channels():

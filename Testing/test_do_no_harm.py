@@ -4,8 +4,9 @@
 * denoising a noise-free image returns it within 1.5 HU RMS, and no voxel moves by more than
   a few noise standard deviations;
 * super-resolution keeps the in-plane grid exactly, adds samples along the slice axis only
-  (any factor 2-6, one ControlNet), keeps slab means within 0.5 HU on any grid, and is never
-  below linear interpolation whatever the weights;
+  (any factor 2-6, one ControlNet), keeps every slab mean within 0.5 HU on any grid, and with
+  random weights (the self-check keeps their detail out) is not below linear or cubic
+  interpolation;
 * every task samples on the input's own grid, at its own voxel size (clamped to the model's
   range): lesion and inpainting content is generated at the input's resolution.
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from MedDiffFMLib import metrics, preprocessing
-from MedDiffFMLib.conditions import slab_interpolate, slab_means
+from MedDiffFMLib.benchmark import baselines
+from MedDiffFMLib.conditions import slab_means
 from MedDiffFMLib.geometry import direction, make_ijk_to_ras
 from MedDiffFMLib.phantoms import make_phantom
 from MedDiffFMLib.tasks import TaskRequest, run_task
@@ -127,23 +128,20 @@ def test_superres_keeps_the_in_plane_grid_and_the_slab_means(tiny_model_dir, tin
     assert out.array.shape == (n * factor, *thick.shape[1:])
     # the thin grid is the truth's: same in-plane voxels, direction and first corner
     np.testing.assert_allclose(out.ijk_to_ras, thin_truth.ijk_to_ras[:, :], atol=1e-9)
-    # slab means equal the input wherever it lies inside the window, to float32 rounding
+    # slab means equal the input in every slab (soft tissue, air and bone), to float32 rounding
     lo, hi = preprocessing.window_bounds(REGION)
     inside = (thick.array > lo) & (thick.array < hi)
-    assert inside.mean() > 0.2  # a quarter of this small phantom is soft tissue
-    err = np.abs(slab_means(out.array.astype(np.float64), factor) - thick.array)[inside]
+    assert 0.2 < inside.mean() < 0.95  # this small phantom has soft tissue and air or bone
+    err = np.abs(slab_means(out.array.astype(np.float64), factor) - thick.array)
     assert err.max() <= 0.5, err.max()
     assert res.scores["slab_mean_error_hu"] == pytest.approx(float(err.max()), abs=1e-3)
-    # not below linear interpolation of the thick slices, whatever the weights: exactly so in
-    # HU (the projection argument); in windowed PSNR to 0.2 dB (measured worst case 0.17 dB,
-    # where slabs mix in-window and out-of-window tissue)
+    # not below linear or cubic interpolation of the thick slices, in HU and in windowed PSNR
     truth = thin_truth.clean_hu[: n * factor].astype(np.float64)
-    linear = slab_interpolate(torch.from_numpy(thick.array.astype(np.float64)), factor).numpy()
     span = hi - lo
-    assert metrics.psnr(out.array, truth, data_range=span) >= metrics.psnr(linear, truth, data_range=span) - 1e-6
-    p_out = metrics.windowed_psnr(out.array, truth, (lo, hi))
-    p_lin = metrics.windowed_psnr(linear, truth, (lo, hi))
-    assert p_out >= p_lin - 0.2, (p_out, p_lin)
+    for order in (1, 3):
+        classical = baselines.interpolate(thick.array, thick.ijk_to_ras, out.shape, out.ijk_to_ras, order)
+        assert metrics.psnr(out.array, truth, data_range=span) >= metrics.psnr(classical, truth, data_range=span)
+        assert metrics.windowed_psnr(out.array, truth, (lo, hi)) >= metrics.windowed_psnr(classical, truth, (lo, hi))
     assert 0.0 <= res.scores["model_weight"] <= 1.0
 
 

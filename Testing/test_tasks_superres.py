@@ -51,9 +51,10 @@ def test_superres_keeps_slab_means(superres_runs, check):
     res = out[check].volumes["superres"].array
     assert res.shape == (12, 14, 14)
     means = res.reshape(6, 2, 14, 14).astype(np.float64).mean(1)
-    inside = ~preprocessing.outside_window(ph.hu, REGION)
-    assert inside.sum() > 100
-    np.testing.assert_allclose(means[inside], ph.hu[inside], rtol=0, atol=1e-3)
+    outside = preprocessing.outside_window(ph.hu, REGION)
+    assert outside.sum() > 20 and (~outside).sum() > 100  # air and bone as well as soft tissue
+    np.testing.assert_allclose(means, ph.hu, rtol=0, atol=1e-3)  # every slab, in the window or not
+    assert out[check].scores["slab_mean_error_hu"] == pytest.approx(float(np.abs(means - ph.hu).max()), abs=1e-4)
 
 
 def test_superres_self_check_weighs_the_model_detail(superres_runs):
@@ -61,7 +62,7 @@ def test_superres_self_check_weighs_the_model_detail(superres_runs):
     checked, unchecked = out[True], out[False]
     assert unchecked.scores["model_weight"] == 1.0 and "self_check_gain_db" not in unchecked.scores
     w = checked.scores["model_weight"]
-    assert 0.0 <= w <= 1.0 and checked.scores["self_check_gain_db"] >= 0.0
+    assert 0.0 <= w <= 1.0 and checked.scores["self_check_gain_db"] >= 0.0  # a clipped least-squares step
     # the unchecked run keeps all of the model's detail: the two voxels of a slab differ
     res = unchecked.volumes["superres"].array
     inside = ~preprocessing.outside_window(ph.hu, REGION)
@@ -69,7 +70,8 @@ def test_superres_self_check_weighs_the_model_detail(superres_runs):
 
 
 def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_controlnet_dirs, task_phantom):
-    outs = [run("superres", request_for("superres", task_phantom, {"steps": 1, "control_scale": s}, anatomy=False),
+    outs = [run("superres", request_for("superres", task_phantom, {"steps": 1, "control_scale": s, "self_check": False},
+                                        anatomy=False),
                 tiny_model_dir, tiny_controlnet_dirs).volumes["superres"].array for s in (0.0, 1.0)]
     assert not np.array_equal(*outs)
 
@@ -83,3 +85,20 @@ def test_superres_control_scale_reaches_the_controlnet(tiny_model_dir, tiny_cont
 def test_superres_rejects_bad_parameters(tiny_model_dir, tiny_controlnet_dirs, task_phantom, params, match):
     with pytest.raises(ValueError, match=match):
         run("superres", request_for("superres", task_phantom, params), tiny_model_dir, tiny_controlnet_dirs)
+
+
+def test_superres_without_room_for_a_self_check_returns_the_parabolic_slabs(tiny_model_dir, tiny_controlnet_dirs):
+    """Three slices cannot be checked at factor 2 (one slab of 2 at the thicker level): the result is the
+    classical parabolic reconstruction, the model's detail left out, and the message says so."""
+    import torch
+
+    from MedDiffFMLib.conditions import slab_parabolic
+
+    ph = make_phantom(REGION, shape_kji=(3, 12, 12), spacing_kji=(3.0, 1.0, 1.0), seed=4, noise_hu=0.0,
+                      ijk_to_ras=oblique((3.0, 1.0, 1.0)))
+    res = run("superres", TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2}),
+              tiny_model_dir, tiny_controlnet_dirs)
+    assert any("self-check impossible" in m for m in res.messages)
+    assert res.scores["model_weight"] == 0.0
+    expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
+    np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)

@@ -101,6 +101,16 @@ def interpolate(thick: np.ndarray, thick_ijk_to_ras, thin_shape, thin_ijk_to_ras
     return preprocessing.resample_to_grid(thick, thick_ijk_to_ras, thin_shape, thin_ijk_to_ras, order=order)
 
 
+def parabolic_slabs(thick: np.ndarray, factor: int) -> np.ndarray:
+    """The piecewise-parabolic slab reconstruction (:func:`conditions.slab_parabolic`) of thick
+    slices (n, H, W) onto the grid that subdivides each slab into ``factor`` slices, float32 HU."""
+    import torch
+
+    from ..conditions import slab_parabolic
+
+    return slab_parabolic(torch.from_numpy(np.asarray(thick, dtype=np.float64)), factor).float().numpy()
+
+
 # ------------------------------------------------------------------------------ anomaly detection
 def organ_deviation_map(hu: np.ndarray, labels: np.ndarray, region: str, smoothing_mm: float,
                         spacing_kji) -> np.ndarray:

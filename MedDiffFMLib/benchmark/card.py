@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .options import SECTION_TITLES
+from .options import PARABOLIC, SECTION_TITLES
 from .report import format_markdown, write_text_atomic
 from .rows import find_row
 
@@ -149,7 +149,10 @@ def _superres(result) -> list[Verdict]:
         n = min(n, _n(result, "superres", c, model, "psnr_db"))
         factor = c.split()[0]
         gap = None if m is None or cubic is None else m - cubic
-        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt(gap)})")
+        parabolic = _mean(result, "superres", c, PARABOLIC, "psnr_db")
+        weight = _mean(result, "superres", c, model, "model_weight")
+        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt(gap)}; parabolic slabs alone "
+                     f"{_fmt(parabolic)} dB, model detail weight {_fmt(weight)})")
         flags.append(None if m is None or cubic is None else m >= cubic + 1.0)
         err = _mean(result, "superres", c, model, "slab_max_error_hu")
         slab.append(f"{factor}: {_fmt(err)} HU")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 SECTIONS = ("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")
+PARABOLIC = "parabolic slabs (PPM)"  # the classical super-resolution baseline the task itself builds on
 SECTION_TITLES = {"denoise": "Denoising", "anomaly": "Anomaly detection", "synthesis": "Synthesis from anatomy",
                   "superres": "Super-resolution", "inpaint": "Inpainting", "lesion": "Lesion generation"}
 SECTION_ALIASES = {"denoise": "denoise", "denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis",

@@ -11,7 +11,7 @@ from ..geometry import regrid
 from ..volume import Volume
 from . import baselines
 from .cases import case_region, make_case, superres_grid, tuning_seed, clinical_grid
-from .options import NLM_H_FACTOR, NLM_PATCH_DISTANCE, NLM_PATCH_SIZE, SUPERRES_THIN_MM
+from .options import NLM_H_FACTOR, NLM_PATCH_DISTANCE, NLM_PATCH_SIZE, PARABOLIC, SUPERRES_THIN_MM
 from .task_facts import primary_volume, superres_factor_param
 
 CAPTIONS = {
@@ -161,8 +161,12 @@ def run_superres(ctx, family: str) -> None:
                 t0 = time.monotonic()
                 outputs.append((method, baselines.interpolate(thick, thick_matrix, truth.shape, thin.ijk_to_ras,
                                                               order), time.monotonic() - t0))
+            t0 = time.monotonic()
+            outputs.append((PARABOLIC, baselines.parabolic_slabs(thick, factor), time.monotonic() - t0))
+            weights = {"model_weight": res.scores["model_weight"]} if "model_weight" in res.scores else {}
             for method, img, seconds in outputs:
                 max_err, rms_err = metrics.slab_mean_error(img, thick, factor, thick_inside)
                 _image_rows(ctx, family, "superres", condition, method, thin.name, img, truth, window, body, spacing,
-                            edges, slab_max_error_hu=max_err, slab_rms_error_hu=rms_err, seconds=seconds)
+                            edges, slab_max_error_hu=max_err, slab_rms_error_hu=rms_err, seconds=seconds,
+                            **(weights if method == outputs[0][0] else {}))
             ctx.log(f"superres {thin.name} {factor}x: model {secs:.1f} s")

@@ -4,25 +4,24 @@ The output grid is the input's with ``factor`` thin slices in place of each thic
 same in-plane grid (voxels, spacing, direction), slice spacing / factor, the first voxel
 corner fixed, so the thin slices subdivide the thick slabs exactly.
 
-1. The thick slices are interpolated linearly along k (slab centres) onto the thin grid.
-2. The ControlNet, told the factor and each slice's place in its slab, samples from that
-   interpolation noised to ``noise_fraction`` of T, on the thin grid itself.
-3. Do no harm, twice:
-   * **self-check**: the same pipeline super-resolves the input's own slabs of ``factor``
-     slices (one level thicker) and is compared with the input, which is the truth there;
-     the model's detail is kept in the proportion that check supports (the least-squares
-     weight, in [0, 1]): weights that lose to interpolation contribute nothing;
-   * **slab consistency**: wherever the thick value lies inside the intensity window, the
-     result is projected onto "slab means equal the input" (an orthogonal projection onto a
-     set holding the truth: it never moves an estimate away from it, in HU), so the output
-     explains the input to float32 rounding, on any grid. Slabs whose mean is outside the
-     window (bone, air) keep the interpolation: spreading their residual over the slab
-     would shift in-window voxels by errors that come from out-of-window ones (measured on
-     18 small phantoms at factors 2-5: projecting every slab was down to 0.29 dB below
-     linear interpolation in windowed PSNR; projecting in-window slabs only, 0.17 dB at worst
-     and +0.35 dB on average).
+1. The thick slices are reconstructed on the thin grid by the piecewise-parabolic method
+   (:func:`conditions.slab_parabolic`): every slab mean exact, no new extrema, a step kept
+   inside its slab. Measured over 5 benchmark cases per family and factors 3 and 5, it is
+   better than linear interpolation shifted onto the slab means (the previous base) by
+   -0.07 to +1.56 dB per case (means: training family +0.80 / +0.29 dB, held-out +1.16 /
+   +0.58 dB), and than cubic interpolation on every case.
+2. The ControlNet, told the factor and each slice's place in its slab (its condition is the
+   linear interpolation it was trained on), samples from that reconstruction noised to
+   ``noise_fraction`` of T, on the thin grid itself; its detail is its departure from the
+   reconstruction with each slab's mean removed, so adding any share of it keeps the means.
+3. Do no harm, by a **self-check**: the same pipeline super-resolves the input's own slabs of
+   ``factor`` slices (one level thicker) and is compared with the input, which is the truth
+   there; the model's detail is kept in the proportion that check supports (the
+   least-squares weight, in [0, 1]): weights that lose to the classical reconstruction on the
+   input itself contribute nothing.
 
-So the output is never worse than the slab-consistent interpolation on the check.
+So the output explains its input exactly (slab means to float32 rounding, in every slab), and
+on the check it is never worse than the parabolic reconstruction.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     messages = unknown_message(unknown)
     if params["self_check"] and not self_check:
         messages.append(f"self-check impossible ({image.shape[0]} slices are fewer than two slabs of {factor}): "
-                        "the result is the slab-consistent interpolation; turn self_check off to keep the model's "
+                        "the result is the parabolic slab reconstruction; turn self_check off to keep the model's "
                         "detail unchecked")
     t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
     return Plan(image, region, int(factor), out_matrix, tuple(out_shape), groups_out, groups_in, self_check, t_start,
@@ -92,53 +91,49 @@ def _to_unit(hu, lo: float, hi: float):
     return (2.0 * (hu - lo) / (hi - lo) - 1.0).clamp(-1.0, 1.0)
 
 
-def _detail(model_hu, interp_hu, factor: int):
-    """The model's departure from the interpolation with each slab's mean removed (so adding
-    it keeps slab means)."""
+def _detail(model_hu, base_hu, factor: int):
+    """The model's departure from the base with each slab's mean removed (so adding it keeps
+    slab means)."""
     from ..conditions import slab_means
 
-    d = (model_hu - interp_hu).double()
+    d = (model_hu - base_hu).double()
     n = d.shape[0] // factor
     d = d[: n * factor]
     return d - slab_means(d, factor).repeat_interleave(factor, dim=0)
 
 
 def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int, int], gen, progress, cancel):
-    """(model, interpolation) in HU on the thin grid of ``thick_hu`` (n, H, W) by the plan's factor."""
+    """(parabolic reconstruction, the model's detail over it), float64 HU, on the thin grid of
+    ``thick_hu`` (n, H, W) by the plan's factor."""
     import torch
 
-    from ..conditions import slab_interpolate, superres_condition
+    from ..conditions import slab_interpolate, slab_parabolic, superres_condition
     from ..sampling import Condition, partial_diffusion
 
     f = plan.factor
     lo, hi = preprocessing.window_bounds(plan.region)
-    interp_hu = slab_interpolate(thick_hu, f)
-    interp_unit = _to_unit(interp_hu, lo, hi)
-    shape = tuple(interp_hu.shape)
+    parabolic_hu = slab_parabolic(thick_hu, f)
+    shape = tuple(parabolic_hu.shape)
     full_k = plan.image.shape[0] * f if box_k is None else box_k[1]
     k0 = 0 if box_k is None else box_k[0]
     ranges = coord_range((slice(k0, k0 + shape[0]), slice(0, shape[1]), slice(0, shape[2])), (full_k, *shape[1:]))
     cond = Condition(spacing=spacing, region=region_index(plan.region),
                      anatomy=torch.from_numpy(groups) if groups is not None else None,
-                     control=superres_condition(interp_unit, f), coord_range=ranges)
+                     control=superres_condition(_to_unit(slab_interpolate(thick_hu, f), lo, hi), f),  # as trained
+                     coord_range=ranges)
     opts = sampler.options
-    x = partial_diffusion(sampler.denoiser(cond, shape), sampler.schedule, interp_unit, plan.t_start, opts.steps,
-                          gen=gen, eta=opts.step_eta, clip_x0=opts.clip_x0, progress=progress, cancel=cancel,
-                          stage="super-resolution")
+    x = partial_diffusion(sampler.denoiser(cond, shape), sampler.schedule, _to_unit(parabolic_hu, lo, hi).float(),
+                          plan.t_start, opts.steps, gen=gen, eta=opts.step_eta, clip_x0=opts.clip_x0,
+                          progress=progress, cancel=cancel, stage="super-resolution")
     model_hu = lo + (x.double() + 1.0) / 2.0 * (hi - lo)
-    outside = (interp_hu < lo) | (interp_hu > hi)  # clipped in model units: nothing to add there
-    return torch.where(outside, interp_hu.double(), model_hu), interp_hu.double()
-
-
-def _in_window(thick, plan: Plan):
-    lo, hi = preprocessing.window_bounds(plan.region)
-    return (thick > lo) & (thick < hi)
+    outside = (parabolic_hu < lo) | (parabolic_hu > hi)  # clipped in model units: nothing to add there
+    return parabolic_hu, _detail(torch.where(outside, parabolic_hu, model_hu), parabolic_hu, f)
 
 
 def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     import torch
 
-    from ..conditions import project_slab_means, slab_means
+    from ..conditions import slab_means
     from ..sampling import split_progress
 
     image, f = plan.image, plan.factor
@@ -153,22 +148,20 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         n = image.shape[0] // f
         target = thick[: n * f]
         groups = plan.groups_in[: n * f] if plan.groups_in is not None else None
-        model_v, interp_v = _model_pass(sampler, plan, slab_means(target, f).float(), tuple(sp), groups,
-                                        (0, image.shape[0]), sampler.generator(1),
-                                        split_progress(progress, 0.0, share), cancel)
-        resid = target - project_slab_means(interp_v, slab_means(target, f), f, _in_window(slab_means(target, f), plan))
-        detail = _detail(model_v, interp_v, f)
-        energy = float((detail * detail).sum())
-        weight = float(np.clip(float((detail * resid).sum()) / energy, 0.0, 1.0)) if energy > 0 else 0.0
-        before, after = float((resid ** 2).mean()), float(((resid - weight * detail) ** 2).mean())
+        parabolic_v, detail_v = _model_pass(sampler, plan, slab_means(target, f), tuple(sp), groups,
+                                            (0, image.shape[0]), sampler.generator(1),
+                                            split_progress(progress, 0.0, share), cancel)
+        resid = target - parabolic_v
+        energy = float((detail_v * detail_v).sum())
+        weight = float(np.clip(float((detail_v * resid).sum()) / energy, 0.0, 1.0)) if energy > 0 else 0.0
+        before, after = float((resid ** 2).mean()), float(((resid - weight * detail_v) ** 2).mean())
         check_gain_db = 10 * np.log10(before / after) if after > 0 and before > 0 else 0.0
         main_progress = split_progress(progress, share, 1.0)
-    model_hu, interp_hu = _model_pass(sampler, plan, thick.float(), (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
-                                      sampler.generator(), main_progress, cancel)
-    out = project_slab_means(interp_hu, thick, f, _in_window(thick, plan)) + weight * _detail(model_hu, interp_hu, f)
+    parabolic_hu, detail = _model_pass(sampler, plan, thick, (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
+                                       sampler.generator(), main_progress, cancel)
+    out = parabolic_hu + weight * detail
     out32 = out.float().cpu().numpy()
-    inside = _in_window(thick, plan).cpu().numpy()
-    slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy())[inside].max(initial=0.0))
+    slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy()).max(initial=0.0))
     spacing = ", ".join(f"{s:.3g}" for s in (sp[2], sp[1], sp[0] / f))
     scores = {"factor": float(f), "model_weight": weight, "slab_mean_error_hu": slab_error,
               "start_timestep": float(plan.t_start)}
@@ -179,6 +172,7 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         scores=scores,
         summary=f"super-resolved {image.shape[::-1]} -> {plan.out_shape[::-1]} voxels (i, j, k), spacing {spacing} mm; "
                 f"model detail weight {weight:.2f}"
-                + (f" (self-check {check_gain_db:+.2f} dB over interpolation)" if check_gain_db is not None else ""),
+                + (f" (self-check {check_gain_db:+.2f} dB over the parabolic slabs)" if check_gain_db is not None
+                   else ""),
         messages=plan.messages,
     )
