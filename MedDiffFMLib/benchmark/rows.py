@@ -17,6 +17,7 @@ METRICS: dict[str, tuple[str, int]] = {
     "sigma_hu": ("noise sigma used (HU)", 1),
     "slab_max_error_hu": ("slab-mean max error (HU)", 2),
     "slab_rms_error_hu": ("slab-mean RMS error (HU)", 2),
+    "model_weight": ("model detail weight (self-check)", 2),
     "voxel_auroc": ("voxel AUROC", 3),
     "volume_auroc": ("volume AUROC", 3),
     "dice": ("Dice", 3),
