@@ -38,7 +38,7 @@ METHODS = {
     "denoise": ("noisy input", "Gaussian (tuned sigma)", "non-local means, true sigma",
                 "non-local means, estimated sigma", "model (DiffPIR)"),
     "anomaly": ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)"),
-    "superres": ("model (ControlNet)", "linear interpolation", "cubic interpolation"),
+    "superres": ("model (ControlNet)", "linear interpolation", "cubic interpolation", "parabolic slabs (PPM)"),
 }
 
 
