@@ -102,3 +102,31 @@ def test_superres_without_room_for_a_self_check_returns_the_parabolic_slabs(tiny
     assert res.scores["model_weight"] == 0.0
     expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
     np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)
+
+
+def test_superres_skips_the_main_pass_when_the_check_keeps_no_detail(tiny_model_dir, tiny_controlnet_dirs,
+                                                                     monkeypatch):
+    """A model whose detail is zero gets weight 0 on the check; the main pass, whose detail would be
+    multiplied by 0, is not run, and the result is the parabolic reconstruction."""
+    import torch
+
+    from MedDiffFMLib.conditions import slab_parabolic
+    from MedDiffFMLib.tasks import superres
+
+    real, calls = superres._model_pass, []
+
+    def no_detail(*args, **kwargs):
+        parabolic, detail = real(*args, **kwargs)
+        calls.append(parabolic.shape)
+        return parabolic, torch.zeros_like(detail)
+
+    monkeypatch.setattr(superres, "_model_pass", no_detail)
+    ph = make_phantom(REGION, shape_kji=(6, 12, 12), spacing_kji=(3.0, 1.0, 1.0), seed=6, noise_hu=5.0,
+                      ijk_to_ras=oblique((3.0, 1.0, 1.0)))
+    reports = []
+    res = run("superres", TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2}),
+              tiny_model_dir, tiny_controlnet_dirs, progress=reports.append)
+    assert calls == [(6, 12, 12)]  # the check (3 slabs of 2 -> 6 slices) only
+    assert res.scores["model_weight"] == 0.0 and reports[-1].fraction == 1.0
+    expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
+    np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)

@@ -157,9 +157,18 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
         before, after = float((resid ** 2).mean()), float(((resid - weight * detail_v) ** 2).mean())
         check_gain_db = 10 * np.log10(before / after) if after > 0 and before > 0 else 0.0
         main_progress = split_progress(progress, share, 1.0)
-    parabolic_hu, detail = _model_pass(sampler, plan, thick, (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
-                                       sampler.generator(), main_progress, cancel)
-    out = parabolic_hu + weight * detail
+    if weight > 0.0:
+        parabolic_hu, detail = _model_pass(sampler, plan, thick, (sp[0] / f, sp[1], sp[2]), plan.groups_out, None,
+                                           sampler.generator(), main_progress, cancel)
+        out = parabolic_hu + weight * detail
+    else:  # the check kept none of the model's detail: the main pass would be thrown away
+        from ..conditions import slab_parabolic
+
+        from ..progress import Progress
+
+        out = slab_parabolic(thick, f)
+        if progress is not None:
+            progress(Progress(1, 1, stage="super-resolution (the check kept no model detail)", fraction=1.0, eta_s=0.0))
     out32 = out.float().cpu().numpy()
     slab_error = float(np.abs(slab_means(out32.astype(np.float64), f) - thick.cpu().numpy()).max(initial=0.0))
     spacing = ", ".join(f"{s:.3g}" for s in (sp[2], sp[1], sp[0] / f))
