@@ -11,7 +11,9 @@ from MedDiffFMLib.volume import Volume
 REGION = "abdomen"
 TASKS = ("superres", "lesion", "inpaint")
 CN = {"superres": "superres", "lesion": "lesion", "inpaint": "lesion"}
-PARAMS = {"superres": {"steps": 2}, "lesion": {"steps": 2},
+# superres without its self-check: with random weights the check keeps no model detail, and the
+# result (the parabolic reconstruction) would not depend on the seed these tests vary
+PARAMS = {"superres": {"steps": 2, "self_check": False}, "lesion": {"steps": 2},
           "inpaint": {"steps": 3, "jump_length": 1, "jump_n_sample": 2}}
 OUTPUTS = {"superres": ({"superres"}, set()), "lesion": ({"lesion"}, {"lesion"}),
            "inpaint": ({"inpainted"}, {"inpainted_region"})}
