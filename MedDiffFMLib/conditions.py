@@ -5,7 +5,7 @@
   condition is the thick image interpolated linearly along k onto the thin grid, plus the
   factor and each thin slice's place within its slab, so that one ControlNet serves factors
   2 to 6. Only k changes: the in-plane grid is the input's. The slab reconstructions the task
-  builds on (the slab-mean projection, the piecewise-parabolic method) live here too, next to
+  builds on (the piecewise-parabolic method) lives here too, next to
   the slab model they invert.
 * lesion: the lesion mask and the image with the mask blanked (2 channels), as DiffTumor
   conditions its generator.
@@ -103,24 +103,6 @@ def slab_parabolic(thick: torch.Tensor, factor: int) -> torch.Tensor:
     out = torch.empty((a.shape[0] * f, *a.shape[1:]), dtype=torch.float64, device=a.device)
     for s in range(f):
         out[s::f] = (integral((s + 1) / f) - integral(s / f)) * f
-    return out
-
-
-def project_slab_means(x: torch.Tensor, thick: torch.Tensor, factor: int,
-                       where: torch.Tensor | None = None) -> torch.Tensor:
-    """The orthogonal projection of ``x`` (n * f, H, W) onto {slab means equal ``thick``}: each
-    slab is shifted by its own residual. Computed in float64, so the slab means of the result
-    equal ``thick`` to float32 rounding. Because the true thin image lies in that set, the
-    projection never moves an estimate further from it (in HU, L2). ``where`` (n, H, W) bool
-    limits it to some slabs; the others keep ``x``."""
-    f = int(factor)
-    n = thick.shape[0]
-    xd = x[: n * f].double()
-    resid = thick.double() - xd.reshape(n, f, *x.shape[1:]).mean(dim=1)
-    if where is not None:
-        resid = resid * where.to(resid.dtype)
-    out = x.clone()
-    out[: n * f] = (xd + resid.repeat_interleave(f, dim=0)).to(x.dtype)
     return out
 
 

@@ -133,7 +133,8 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
 def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     import torch
 
-    from ..conditions import slab_means
+    from ..conditions import slab_means, slab_parabolic
+    from ..progress import Progress
     from ..sampling import split_progress
 
     image, f = plan.image, plan.factor
@@ -162,10 +163,6 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
                                            sampler.generator(), main_progress, cancel)
         out = parabolic_hu + weight * detail
     else:  # the check kept none of the model's detail: the main pass would be thrown away
-        from ..conditions import slab_parabolic
-
-        from ..progress import Progress
-
         out = slab_parabolic(thick, f)
         if progress is not None:
             progress(Progress(1, 1, stage="super-resolution (the check kept no model detail)", fraction=1.0, eta_s=0.0))
