@@ -2,11 +2,12 @@
 
 * super-resolution: a thick slice is the mean of the ``factor`` thin slices it covers (a
   slab average: the slice profile of a CT reconstruction to a first approximation). The
-  condition is the thick image interpolated linearly along k onto the thin grid, plus the
-  factor and each thin slice's place within its slab, so that one ControlNet serves factors
-  2 to 6. Only k changes: the in-plane grid is the input's. The slab reconstructions the task
-  builds on (the piecewise-parabolic method) lives here too, next to
-  the slab model they invert.
+  condition is the thick image brought back onto the thin grid along k, plus the factor and
+  each thin slice's place within its slab, so that one ControlNet serves factors 2 to 6. Only
+  k changes: the in-plane grid is the input's. How the thick image is brought back is part of
+  what a ControlNet learnt, so its config names it (``params["interpolation"]``): the
+  piecewise-parabolic slab reconstruction for ControlNets trained since it was introduced,
+  linear interpolation for older ones (a config without the entry).
 * lesion: the lesion mask and the image with the mask blanked (2 channels), as DiffTumor
   conditions its generator.
 
@@ -23,6 +24,9 @@ import torch
 BLANK_VALUE = 0.0  # model units written into the lesion region of the lesion condition
 CONTROL_CHANNELS = {"superres": 3, "lesion": 2}
 SUPERRES_FACTORS = (2, 3, 4, 5, 6)
+SUPERRES_INTERPOLATIONS = ("linear", "parabolic")
+SUPERRES_INTERPOLATION_DEFAULT = "linear"  # what a super-resolution ControlNet config without the entry was trained on
+SUPERRES_INTERPOLATION_TRAINED = "parabolic"  # what new super-resolution ControlNets are trained on
 
 
 def slab_means(x: torch.Tensor | np.ndarray, factor: int):
@@ -106,9 +110,19 @@ def slab_parabolic(thick: torch.Tensor, factor: int) -> torch.Tensor:
     return out
 
 
+def slab_reconstruct(thick: torch.Tensor, factor: int, interpolation: str) -> torch.Tensor:
+    """Thin slices from thick ones by ``interpolation`` ("linear": :func:`slab_interpolate`,
+    "parabolic": :func:`slab_parabolic`), in the dtype of ``thick``. (n, H, W) -> (n * factor, H, W)."""
+    if interpolation == "linear":
+        return slab_interpolate(thick, factor)
+    if interpolation == "parabolic":
+        return slab_parabolic(thick, factor).to(thick.dtype)
+    raise ValueError(f"super-resolution interpolation must be one of {SUPERRES_INTERPOLATIONS}, got {interpolation!r}")
+
+
 def superres_condition(interp: torch.Tensor, factor: int) -> torch.Tensor:
-    """(3, D, H, W) condition from the slab interpolation ``interp`` (D, H, W) in model units:
-    the interpolation, the factor (``log2(f) / log2(6)``, in (0, 1]) and the place of each thin
+    """(3, D, H, W) condition from the thin-grid reconstruction ``interp`` (D, H, W) in model
+    units (:func:`slab_reconstruct`): the reconstruction, the factor (``log2(f) / log2(6)``, in (0, 1]) and the place of each thin
     slice within its slab (-0.5 first ... +0.5 last)."""
     f = int(factor)
     d = interp.shape[0]
@@ -118,11 +132,12 @@ def superres_condition(interp: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.stack([interp.float(), fac.float(), phase.float()])
 
 
-def superres_training_condition(thin: torch.Tensor, factor: int) -> torch.Tensor:
+def superres_training_condition(thin: torch.Tensor, factor: int,
+                                interpolation: str = SUPERRES_INTERPOLATION_TRAINED) -> torch.Tensor:
     """The condition a thin image (D, H, W) would have after slab averaging by ``factor``;
-    slices past the last full slab take the last slab's interpolation."""
+    slices past the last full slab take the last slab's reconstruction."""
     f = int(factor)
-    interp = slab_interpolate(slab_means(thin.float(), f), f)
+    interp = slab_reconstruct(slab_means(thin.float(), f), f, interpolation)
     if interp.shape[0] < thin.shape[0]:
         extra = interp[-1:].expand(thin.shape[0] - interp.shape[0], *interp.shape[1:])
         interp = torch.cat([interp, extra])

@@ -1,7 +1,8 @@
 """Training cases for the task ControlNets (the conditions themselves live in ``conditions``).
 
 * super-resolution: each sample draws a factor 2..6 and its condition is computed from the
-  case's own thin slices (slab means along k, interpolated back), so one ControlNet learns
+  case's own thin slices (slab means along k, reconstructed by the piecewise-parabolic
+  method), so one ControlNet learns
   every factor; cases come on grids with thin slices (<= 1.5 mm) so that the thick slices
   they simulate (f x the thin spacing) are the 1-9 mm of clinical series;
 * lesion: the lesion mask and the image with the lesion region blanked. Cases without a
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from . import anatomy
-from .conditions import SUPERRES_FACTORS, lesion_condition, superres_training_condition
+from .conditions import SUPERRES_FACTORS, SUPERRES_INTERPOLATION_TRAINED, lesion_condition, superres_training_condition
 from .networks import REGION_INDEX, ModelConfig
 from .training import Case, draw_phantom, phantom_cases
 
@@ -25,7 +26,7 @@ from .training import Case, draw_phantom, phantom_cases
 def _draw_factor(factors: Sequence[int]):
     def control(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         f = int(factors[int(torch.randint(0, len(factors), (1,), generator=gen))])
-        return superres_training_condition(image, f)
+        return superres_training_condition(image, f, SUPERRES_INTERPOLATION_TRAINED)
 
     return control
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from MedDiffFMLib.conditions import (BLANK_VALUE, lesion_condition, slab_interpolate, slab_means,
-                                     slab_parabolic, superres_condition, superres_training_condition)
+                                     slab_parabolic, slab_reconstruct, superres_condition,
+                                     superres_training_condition)
 from MedDiffFMLib.geometry import make_ijk_to_ras, regrid, voxel_to_ras
 
 
@@ -88,11 +89,21 @@ def test_superres_condition_channels():
 
 def test_superres_training_condition_simulates_thick_slices():
     thin = torch.rand(14, 4, 4, generator=torch.Generator().manual_seed(3))
-    c = superres_training_condition(thin, 4)
-    assert c.shape == (3, 14, 4, 4)
-    expect = slab_interpolate(slab_means(thin, 4), 4)
+    c = superres_training_condition(thin, 4)  # new ControlNets learn on the parabolic reconstruction
+    assert c.shape == (3, 14, 4, 4) and c.dtype == torch.float32
+    thick = slab_means(thin, 4)
+    expect = slab_parabolic(thick, 4).float()
     torch.testing.assert_close(c[0, :12], expect)
+    torch.testing.assert_close(slab_means(c[0, :12], 4), thick, atol=1e-6, rtol=0)  # it explains the thick slices
     torch.testing.assert_close(c[0, 12:], expect[-1:].expand(2, 4, 4))
+    linear = superres_training_condition(thin, 4, "linear")  # what older ControlNets were trained on
+    torch.testing.assert_close(linear[0, :12], slab_interpolate(thick, 4))
+    assert float((linear[0] - c[0]).abs().max()) > 1e-3
+
+
+def test_slab_reconstruct_refuses_an_unknown_interpolation():
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        slab_reconstruct(torch.zeros(3, 2, 2), 2, "cubic")
 
 
 def test_lesion_condition_channels():

@@ -130,3 +130,52 @@ def test_superres_skips_the_main_pass_when_the_check_keeps_no_detail(tiny_model_
     assert res.scores["model_weight"] == 0.0 and reports[-1].fraction == 1.0
     expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
     np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)
+
+
+def _superres_dir_with(tmp_path, tiny_controlnet_dirs, interpolation):
+    """A copy of the tiny super-resolution ControlNet whose config names ``interpolation``
+    (None: no entry, as in ControlNets trained on linear interpolation)."""
+    import json
+    import shutil
+
+    d = tmp_path / f"superres_{interpolation}"
+    shutil.copytree(tiny_controlnet_dirs["superres"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["params"].pop("interpolation", None)
+    if interpolation is not None:
+        cfg["params"]["interpolation"] = interpolation
+    (d / "config.json").write_text(json.dumps(cfg))
+    return {**tiny_controlnet_dirs, "superres": d}
+
+
+def test_superres_condition_follows_the_controlnet_config(tiny_model_dir, tiny_controlnet_dirs, tmp_path,
+                                                          monkeypatch):
+    """The condition is built the way the ControlNet was trained, as its config says: parabolic slabs for
+    the bundled weights, linear interpolation where the config has no entry; an unknown name is refused."""
+    import torch
+
+    from MedDiffFMLib.conditions import slab_interpolate, slab_parabolic
+    from MedDiffFMLib.sampling import denoiser as denoiser_module
+
+    seen = []
+    real = denoiser_module.PatchSampler.denoiser
+
+    def record(self, cond, shape):
+        seen.append(cond.control[0].clone())
+        return real(self, cond, shape)
+
+    monkeypatch.setattr(denoiser_module.PatchSampler, "denoiser", record)
+    ph = make_phantom(REGION, shape_kji=(4, 10, 10), spacing_kji=(3.0, 1.0, 1.0), seed=7, noise_hu=5.0,
+                      ijk_to_ras=oblique((3.0, 1.0, 1.0)))
+    lo, hi = preprocessing.window_bounds(REGION)
+    thick = ((2.0 * (torch.from_numpy(ph.hu.astype(np.float64)) - lo) / (hi - lo)) - 1.0).clamp(-1, 1).float()
+    for interpolation, expect in ((None, slab_interpolate(thick, 2)), ("parabolic", slab_parabolic(thick, 2).float())):
+        seen.clear()
+        run("superres", TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2,
+                                                                               "self_check": False}),
+            tiny_model_dir, _superres_dir_with(tmp_path, tiny_controlnet_dirs, interpolation))
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], expect, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="names the condition interpolation 'cubic'"):
+        run("superres", TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2}),
+            tiny_model_dir, _superres_dir_with(tmp_path, tiny_controlnet_dirs, "cubic"))

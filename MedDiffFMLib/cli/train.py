@@ -217,7 +217,7 @@ def cmd_finetune(args) -> int:
     _check_out(args)
     _check_init_from(args)
     from ..checkpoint import load_base, sha256_file
-    from ..conditions import CONTROL_CHANNELS
+    from ..conditions import CONTROL_CHANNELS, SUPERRES_INTERPOLATION_TRAINED
     from ..finetune import lesion_phantom_cases, superres_cases
     from ..networks import ControlNetConfig
     from ..tasks.common import resolve_model_dir
@@ -229,6 +229,7 @@ def cmd_finetune(args) -> int:
     params = {}
     if args.task == "superres":
         params["factors"] = list(factors)
+        params["interpolation"] = SUPERRES_INTERPOLATION_TRAINED
         cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors)
     else:
         cases = []

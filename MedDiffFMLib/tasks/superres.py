@@ -11,7 +11,8 @@ corner fixed, so the thin slices subdivide the thick slabs exactly.
    -0.07 to +1.56 dB per case (means: training family +0.80 / +0.29 dB, held-out +1.16 /
    +0.58 dB), and than cubic interpolation on every case.
 2. The ControlNet, told the factor and each slice's place in its slab (its condition is the
-   linear interpolation it was trained on), samples from that reconstruction noised to
+   thin-grid reconstruction its config names: parabolic for the bundled weights, linear for
+   ControlNets trained before), samples from that reconstruction noised to
    ``noise_fraction`` of T, on the thin grid itself; its detail is its departure from the
    reconstruction with each slab's mean removed, so adding any share of it keeps the means.
 3. Do no harm, by a **self-check**: the same pipeline super-resolves the input's own slabs of
@@ -32,7 +33,7 @@ from typing import Optional
 import numpy as np
 
 from .. import preprocessing
-from ..conditions import CONTROL_CHANNELS
+from ..conditions import CONTROL_CHANNELS, SUPERRES_INTERPOLATION_DEFAULT, SUPERRES_INTERPOLATIONS
 from ..geometry import regrid
 from ..volume import Volume
 from .base import TaskRequest, TaskResult
@@ -51,6 +52,7 @@ class Plan:
     groups_in: Optional[np.ndarray]  # and on the input grid, for the self-check
     self_check: bool
     t_start: int
+    interpolation: str  # how the ControlNet's condition brings thick slices onto the thin grid
     params: dict
     messages: list
 
@@ -68,6 +70,10 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
         raise ValueError(f"the ControlNet in {models.controlnet_dir} takes {cn.control_channels} condition channels; "
                          f"this version's super-resolution needs {CONTROL_CHANNELS['superres']} (factor-conditioned): "
                          "use the bundled 'meddifffm-demo-superres' or fine-tune a new one")
+    interpolation = str(cn.params.get("interpolation", SUPERRES_INTERPOLATION_DEFAULT))
+    if interpolation not in SUPERRES_INTERPOLATIONS:
+        raise ValueError(f"the ControlNet in {models.controlnet_dir} names the condition interpolation "
+                         f"{interpolation!r}; this version knows {', '.join(SUPERRES_INTERPOLATIONS)}")
     factor = params["factor"] if params["factor"] is not None else auto_factor(image.spacing_kji)
     sp = image.spacing_kji
     out_matrix, out_shape = regrid(image.ijk_to_ras, image.shape, (sp[0] / factor, sp[1], sp[2]))
@@ -84,7 +90,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
                         "detail unchecked")
     t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
     return Plan(image, region, int(factor), out_matrix, tuple(out_shape), groups_out, groups_in, self_check, t_start,
-                params, messages)
+                interpolation, params, messages)
 
 
 def _to_unit(hu, lo: float, hi: float):
@@ -107,7 +113,7 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
     ``thick_hu`` (n, H, W) by the plan's factor."""
     import torch
 
-    from ..conditions import slab_interpolate, slab_parabolic, superres_condition
+    from ..conditions import slab_parabolic, slab_reconstruct, superres_condition
     from ..sampling import Condition, partial_diffusion
 
     f = plan.factor
@@ -119,7 +125,8 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
     ranges = coord_range((slice(k0, k0 + shape[0]), slice(0, shape[1]), slice(0, shape[2])), (full_k, *shape[1:]))
     cond = Condition(spacing=spacing, region=region_index(plan.region),
                      anatomy=torch.from_numpy(groups) if groups is not None else None,
-                     control=superres_condition(_to_unit(slab_interpolate(thick_hu, f), lo, hi), f),  # as trained
+                     control=superres_condition(slab_reconstruct(_to_unit(thick_hu, lo, hi).float(), f,
+                                                                 plan.interpolation), f),  # as trained
                      coord_range=ranges)
     opts = sampler.options
     x = partial_diffusion(sampler.denoiser(cond, shape), sampler.schedule, _to_unit(parabolic_hu, lo, hi).float(),
