@@ -21,19 +21,22 @@ meddiff-fm export "$OUT/base_v2/model" --fp16 --to Resources/models/meddifffm-de
     --id meddifffm-demo-base --version "demo-2.1" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
-#    super-resolution over factors 2-6 on thin-slice phantoms, and lesions (side by side, one core each);
+#    super-resolution over factors 2-6 on thin-slice phantoms, its condition the parabolic slab
+#    reconstruction (demo-2.3: from demo-2.2, trained on linear interpolation), and lesions (side by
+#    side, one core each);
 #    a new run starts from the shipped ControlNet of its task (V1_CN=none starts from the base's encoder)
 CN_FAMILY="--phantom-family adult --phantom-max-voxels 1000000"
 init_cn() { [ "${V1_CN:-}" = none ] || echo "--init-from Resources/models/meddifffm-demo-$1"; }
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --phantoms 40 --phantom-seed 0 $CN_FAMILY \
-    --steps 20000 --max-minutes ${CN_MINUTES:-42} --batch-size 2 --lr 4e-4 --ema-decay 0.99 --checkpoint-every 100 \
-    --seed 1 --device cpu --precision bf16 --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
+    --steps 20000 --max-minutes ${SR_MINUTES:-62} --batch-size 2 --lr 2e-4 --ema-decay 0.99 --checkpoint-every 100 \
+    --seed 3 --device cpu --precision bf16 --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 $CN_FAMILY \
     --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-42} --batch-size 2 --lr 4e-4 --ema-decay 0.99 \
     --checkpoint-every 100 --seed 2 --device cpu --precision bf16 --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
 wait
 for task in superres lesion; do
+    version=demo-2.1; [ "$task" = superres ] && version=demo-2.3
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
-        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "demo-2.1" --min-gpu-memory-gb 1 \
+        --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "$version" --min-gpu-memory-gb 1 \
         --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
 done
