@@ -122,8 +122,8 @@ def slab_reconstruct(thick: torch.Tensor, factor: int, interpolation: str) -> to
 
 def superres_condition(interp: torch.Tensor, factor: int) -> torch.Tensor:
     """(3, D, H, W) condition from the thin-grid reconstruction ``interp`` (D, H, W) in model
-    units (:func:`slab_reconstruct`): the reconstruction, the factor (``log2(f) / log2(6)``, in (0, 1]) and the place of each thin
-    slice within its slab (-0.5 first ... +0.5 last)."""
+    units (:func:`slab_reconstruct`): the reconstruction, the factor (``log2(f) / log2(6)``, in
+    (0, 1]) and the place of each thin slice within its slab (-0.5 first ... +0.5 last)."""
     f = int(factor)
     d = interp.shape[0]
     phase = ((torch.arange(d, dtype=torch.float32) % f) + 0.5) / f - 0.5

@@ -23,20 +23,22 @@ from .networks import REGION_INDEX, ModelConfig
 from .training import Case, draw_phantom, phantom_cases
 
 
-def _draw_factor(factors: Sequence[int]):
+def _draw_factor(factors: Sequence[int], interpolation: str):
     def control(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         f = int(factors[int(torch.randint(0, len(factors), (1,), generator=gen))])
-        return superres_training_condition(image, f, SUPERRES_INTERPOLATION_TRAINED)
+        return superres_training_condition(image, f, interpolation)
 
     return control
 
 
-def superres_cases(cases: Sequence[Case], factors: Sequence[int] = SUPERRES_FACTORS) -> list[Case]:
-    """The cases with a super-resolution condition drawn per sample (factor in ``factors``)."""
+def superres_cases(cases: Sequence[Case], factors: Sequence[int] = SUPERRES_FACTORS,
+                   interpolation: str = SUPERRES_INTERPOLATION_TRAINED) -> list[Case]:
+    """The cases with a super-resolution condition drawn per sample (factor in ``factors``; the thick
+    slices brought back by ``interpolation``, which the ControlNet's config must record)."""
     bad = [f for f in factors if int(f) not in SUPERRES_FACTORS]
     if bad or not factors:
         raise ValueError(f"super-resolution factors must be among {SUPERRES_FACTORS}, got {list(factors)}")
-    fn = _draw_factor(tuple(int(f) for f in factors))
+    fn = _draw_factor(tuple(int(f) for f in factors), interpolation)
     return [Case(c.image, c.spacing, c.groups, c.region, control_fn=fn, name=c.name) for c in cases]
 
 

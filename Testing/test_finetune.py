@@ -136,7 +136,8 @@ def test_cli_finetune_then_superres(tmp_path, tiny_model_dir, capsys):
     assert rc == 0
     assert "finetune (superres): 2 steps" in capsys.readouterr().out
     cfg = json.loads((out / "model" / "config.json").read_text(encoding="utf-8"))
-    assert cfg["kind"] == "controlnet" and cfg["params"] == {"factors": [2], "interpolation": "parabolic"}  # what its condition was built with
+    # the config records how the condition was built, so that inference builds it the same way
+    assert cfg["kind"] == "controlnet" and cfg["params"] == {"factors": [2], "interpolation": "parabolic"}
     assert cfg["base_sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
 
     ph = make_phantom("abdomen", shape_kji=(5, 12, 12), spacing_kji=(2.0, 1.0, 1.0), seed=8, noise_hu=10.0)

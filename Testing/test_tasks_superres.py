@@ -167,8 +167,7 @@ def test_superres_condition_follows_the_controlnet_config(tiny_model_dir, tiny_c
     monkeypatch.setattr(denoiser_module.PatchSampler, "denoiser", record)
     ph = make_phantom(REGION, shape_kji=(4, 10, 10), spacing_kji=(3.0, 1.0, 1.0), seed=7, noise_hu=5.0,
                       ijk_to_ras=oblique((3.0, 1.0, 1.0)))
-    lo, hi = preprocessing.window_bounds(REGION)
-    thick = ((2.0 * (torch.from_numpy(ph.hu.astype(np.float64)) - lo) / (hi - lo)) - 1.0).clamp(-1, 1).float()
+    thick = torch.from_numpy(preprocessing.hu_to_unit(ph.hu, REGION))
     for interpolation, expect in ((None, slab_interpolate(thick, 2)), ("parabolic", slab_parabolic(thick, 2).float())):
         seen.clear()
         run("superres", TaskRequest(image=ph.volume(), region=REGION, params={"steps": 1, "factor": 2,

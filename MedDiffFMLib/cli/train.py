@@ -230,7 +230,7 @@ def cmd_finetune(args) -> int:
     if args.task == "superres":
         params["factors"] = list(factors)
         params["interpolation"] = SUPERRES_INTERPOLATION_TRAINED
-        cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors)
+        cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors, params["interpolation"])
     else:
         cases = []
         if args.data:
