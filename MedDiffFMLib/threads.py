@@ -1,4 +1,5 @@
-"""How many CPU threads torch (and onnxruntime) use: ``--threads`` and its default.
+"""The CPU as a compute device: how many threads torch (and onnxruntime) use (``--threads``
+and its default), and whether bf16 runs natively.
 
 torch's own default is the number of physical cores of the machine, which oversubscribes a
 container limited to fewer CPUs, a Slurm job's CPU set, or several torchrun processes on one
@@ -50,3 +51,30 @@ def set_threads(threads: Optional[int] = None) -> int:
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+# CPU flags (Linux /proc/cpuinfo) of bf16 arithmetic in hardware: AVX-512 BF16 and AMX on
+# x86, the BF16 extension on Arm. Without them torch emulates bf16: a training step of the
+# demo network in bf16 autocast took 90 s against 2.8 s in fp32 on an AVX2-only CPU, while
+# on a CPU with AVX-512 BF16 it was 2.3-3.4x faster than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+SLOW_BF16_MESSAGE = ("this CPU has no native bf16 (no AVX-512 BF16, AMX or Arm BF16 flag): bf16 is emulated and "
+                     "measured 30x slower than fp32 here; use fp32")
+
+
+def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> Optional[bool]:
+    """Whether the CPU computes bf16 in hardware, read from the flags in ``cpuinfo`` (default:
+    /proc/cpuinfo); None where that cannot be told (no /proc/cpuinfo, no flags line)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
