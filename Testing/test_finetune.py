@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from MedDiffFMLib import cli, io
 from MedDiffFMLib.checkpoint import CheckpointError, load_base, load_controlnet, save_model, sha256_file
 from MedDiffFMLib.conditions import CONTROL_CHANNELS, lesion_condition
-from MedDiffFMLib.finetune import lesion_phantom_cases, superres_cases
+from MedDiffFMLib.finetune import THIN_SLICE_MM, lesion_phantom_cases, superres_cases
 from MedDiffFMLib.networks import ControlNetConfig, NoisePredictor
 from MedDiffFMLib.phantoms import make_phantom
 from MedDiffFMLib.tasks import TaskRequest, run_task
@@ -35,7 +35,7 @@ def finetuned(tmp_path_factory, tiny_model_dir):
     base = load_base(tiny_model_dir, "cpu")
     cfg = base.cfg
     cases = superres_cases(phantom_cases(1, cfg, seed=3, fov_mm=(20.0, 24.0, 24.0), regions=("abdomen",),
-                                         family="miniature", thin_slices=True), FACTORS)
+                                         family="miniature", thin_slice_mm=1.5), FACTORS)
     cn_cfg = ControlNetConfig(task="superres", control_channels=CONTROL_CHANNELS["superres"], base=cfg,
                               base_sha256=sha256_file(tiny_model_dir / "model.safetensors"),
                               params={"factors": list(FACTORS)})
@@ -137,7 +137,8 @@ def test_cli_finetune_then_superres(tmp_path, tiny_model_dir, capsys):
     assert "finetune (superres): 2 steps" in capsys.readouterr().out
     cfg = json.loads((out / "model" / "config.json").read_text(encoding="utf-8"))
     # the config records how the condition was built, so that inference builds it the same way
-    assert cfg["kind"] == "controlnet" and cfg["params"] == {"factors": [2], "interpolation": "parabolic"}
+    assert cfg["kind"] == "controlnet" and cfg["params"] == {"factors": [2], "interpolation": "parabolic",
+                                                                "thin_slice_mm": THIN_SLICE_MM}
     assert cfg["base_sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
 
     ph = make_phantom("abdomen", shape_kji=(5, 12, 12), spacing_kji=(2.0, 1.0, 1.0), seed=8, noise_hu=10.0)
@@ -167,3 +168,15 @@ def test_cli_finetune_then_superres(tmp_path, tiny_model_dir, capsys):
     assert max(float((warm[k].float() - before[k].float()).abs().max()) for k in before) < 1e-6
     assert max(float((fresh[k].float() - before[k].float()).abs().max()) for k in before) > 1e-4
     assert cli.main(common + ["--out", str(tmp_path / "bad"), "--init-from", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("thin_slice_mm", [1.5, 4.0])
+def test_training_grids_keep_slices_under_the_thin_slice_limit(thin_slice_mm):
+    from MedDiffFMLib.training.cases import random_training_grid
+
+    rng = np.random.default_rng(0)
+    slices = [random_training_grid(rng, thin_slice_mm=thin_slice_mm)[1][0] for _ in range(200)]
+    assert max(slices) <= thin_slice_mm and min(slices) >= 0.5
+    assert max(slices) > 0.8 * thin_slice_mm  # the whole range is drawn, not only thin slices
+    anything = [random_training_grid(rng)[1][0] for _ in range(200)]
+    assert max(anything) > 4.0

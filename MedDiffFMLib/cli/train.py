@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from ..tasks.registry import ParamSpec
 from .errors import UsageError
@@ -50,6 +51,9 @@ MODEL_OPTIONS = {
 }
 FINETUNE_OPTIONS = {
     "lesions": ParamSpec(int, 3, "lesion: lesions per training phantom", minimum=1, maximum=50),
+    "thin_slice_mm": ParamSpec(float, 0.0, "superres: training phantoms have slices of at most this, the thin "
+                                           "targets (0 = the default limit; recorded in the ControlNet's config)",
+                               minimum=0.0, maximum=8.0, unit="mm"),
 }
 
 
@@ -192,7 +196,7 @@ def _train(trainer, args, what: str) -> int:
     return 0
 
 
-def _image_cases(args, cfg, thin_slices: bool = False) -> list:
+def _image_cases(args, cfg, thin_slice_mm: Optional[float] = None) -> list:
     """Cases from --data and/or --phantoms (image-only training data)."""
     from ..training import manifest_cases, phantom_cases
 
@@ -200,7 +204,7 @@ def _image_cases(args, cfg, thin_slices: bool = False) -> list:
     if args.data:
         cases += manifest_cases(args.data, cfg, args.region)
     if args.phantoms:
-        cases += phantom_cases(args.phantoms, cfg, noise_hu=args.phantom_noise, thin_slices=thin_slices,
+        cases += phantom_cases(args.phantoms, cfg, noise_hu=args.phantom_noise, thin_slice_mm=thin_slice_mm,
                                **_phantom_options(args))
     return cases
 
@@ -218,7 +222,7 @@ def cmd_finetune(args) -> int:
     _check_init_from(args)
     from ..checkpoint import load_base, sha256_file
     from ..conditions import CONTROL_CHANNELS, SUPERRES_INTERPOLATION_TRAINED
-    from ..finetune import lesion_phantom_cases, superres_cases
+    from ..finetune import THIN_SLICE_MM, lesion_phantom_cases, superres_cases
     from ..networks import ControlNetConfig
     from ..tasks.common import resolve_model_dir
     from ..training import Trainer
@@ -230,7 +234,9 @@ def cmd_finetune(args) -> int:
     if args.task == "superres":
         params["factors"] = list(factors)
         params["interpolation"] = SUPERRES_INTERPOLATION_TRAINED
-        cases = superres_cases(_image_cases(args, cfg, thin_slices=True), factors, params["interpolation"])
+        params["thin_slice_mm"] = args.thin_slice_mm or THIN_SLICE_MM
+        cases = superres_cases(_image_cases(args, cfg, thin_slice_mm=params["thin_slice_mm"]), factors,
+                               params["interpolation"])
     else:
         cases = []
         if args.data:

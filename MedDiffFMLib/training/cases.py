@@ -65,10 +65,10 @@ def case_from_arrays(hu: np.ndarray, ijk_to_ras: np.ndarray, region: Optional[st
 
 def random_training_grid(rng: np.random.Generator, fov_mm: Sequence[float] = (192.0, 256.0, 256.0),
                          spacing_range_mm: tuple[float, float] = (0.5, 5.0), max_voxels: int = 4_000_000,
-                         min_slices: int = 24, thin_slices: bool = False) -> tuple[tuple[int, int, int],
-                                                                                   tuple[float, float, float]]:
+                         min_slices: int = 24, thin_slice_mm: Optional[float] = None
+                         ) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """A clinical-like grid: in-plane and slice spacing drawn log-uniformly and independently
-    in ``spacing_range_mm`` (``thin_slices``: slices of at most 1.5 mm, as super-resolution
+    in ``spacing_range_mm`` (``thin_slice_mm``: slices of at most that, as super-resolution
     targets need), the in-plane field of view whole, and the slab along k shortened so that the
     case holds at most ``max_voxels`` voxels.
 
@@ -78,7 +78,7 @@ def random_training_grid(rng: np.random.Generator, fov_mm: Sequence[float] = (19
     lo, hi = spacing_range_mm
     log_u = lambda a, b: float(np.exp(rng.uniform(np.log(a), np.log(b))))  # noqa: E731
     s_ij = log_u(max(lo, 0.6), max(max(lo, 0.6), min(hi, 3.0)))
-    s_k = log_u(lo, max(lo, min(hi, 1.5)) if thin_slices else hi)
+    s_k = log_u(lo, max(lo, min(hi, thin_slice_mm)) if thin_slice_mm else hi)
     n_j, n_i = (max(8, int(round(f / s_ij))) for f in fov_mm[1:])
     n_k = max(min_slices, min(int(round(fov_mm[0] / s_k)), max_voxels // (n_j * n_i)))
     return (n_k, n_j, n_i), (s_k, s_ij, s_ij)
@@ -95,7 +95,7 @@ PHANTOM_FAMILIES = ("adult", "miniature")
 
 def draw_phantom(seed: int, region: str, cfg: ModelConfig, family: str = "adult",
                  fov_mm: Sequence[float] = (192.0, 256.0, 256.0), max_voxels: int = 1_000_000,
-                 thin_slices: bool = False, lesions: int = 0, noise_hu: float = 0.0):
+                 thin_slice_mm: Optional[float] = None, lesions: int = 0, noise_hu: float = 0.0):
     """One training phantom on a random clinical-like grid, voxel sizes in :func:`clinical_range`.
 
     ``family``:
@@ -106,14 +106,14 @@ def draw_phantom(seed: int, region: str, cfg: ModelConfig, family: str = "adult"
     * ``"miniature"``: the whole body scaled into a field of view of ``fov_mm`` (k, j, i) on an
       axial grid (:func:`random_training_grid`), for tests and tiny models.
 
-    The grid is drawn from ``seed`` (``thin_slices``: slices of at most 1.5 mm).
+    The grid is drawn from ``seed`` (``thin_slice_mm``: slices of at most that).
     """
     from ..phantoms import add_ct_noise, make_phantom, training_phantom
 
     if family not in PHANTOM_FAMILIES:
         raise ValueError(f"phantom family must be one of {PHANTOM_FAMILIES}, got {family!r}")
     shape, spacing = random_training_grid(np.random.default_rng([seed, 7]), fov_mm, clinical_range(cfg),
-                                          max_voxels=max_voxels, thin_slices=thin_slices)
+                                          max_voxels=max_voxels, thin_slice_mm=thin_slice_mm)
     if family == "miniature":
         return make_phantom(region, shape_kji=shape, spacing_kji=spacing, seed=seed, lesions=lesions,
                             noise_hu=noise_hu)
@@ -126,7 +126,8 @@ def draw_phantom(seed: int, region: str, cfg: ModelConfig, family: str = "adult"
 
 def phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, regions: Sequence[str] = ("head_neck", "chest", "abdomen"),
                   fov_mm: Sequence[float] = (192.0, 256.0, 256.0), noise_hu: float = 0.0,
-                  max_voxels: int = 1_000_000, thin_slices: bool = False, family: str = "adult") -> list[Case]:
+                  max_voxels: int = 1_000_000, thin_slice_mm: Optional[float] = None,
+                  family: str = "adult") -> list[Case]:
     """``n`` phantom cases (cycling through ``regions``), each drawn by :func:`draw_phantom`.
 
     Seeds ``seed .. seed + n - 1`` are used: keep evaluation seeds outside that range.
@@ -136,7 +137,7 @@ def phantom_cases(n: int, cfg: ModelConfig, seed: int = 0, regions: Sequence[str
     cases = []
     for i in range(n):
         region = regions[i % len(regions)]
-        ph = draw_phantom(seed + i, region, cfg, family, fov_mm, max_voxels, thin_slices, noise_hu=noise_hu)
+        ph = draw_phantom(seed + i, region, cfg, family, fov_mm, max_voxels, thin_slice_mm, noise_hu=noise_hu)
         g, _ = anatomy.group_map(ph.labels, ph.label_names)
         cases.append(Case(torch.from_numpy(hu_to_unit(ph.hu, region).astype(np.float32)), ph.spacing_kji,
                           torch.from_numpy(g), REGION_INDEX[region], name=f"phantom-{family}-{region}-{seed + i}"))
