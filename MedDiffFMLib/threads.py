@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +60,7 @@ def set_threads(threads: Optional[int] = None) -> int:
 # on a CPU with AVX-512 BF16 it was 2.3-3.4x faster than fp32.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 SLOW_BF16_MESSAGE = ("this CPU has no native bf16 (no AVX-512 BF16, AMX or Arm BF16 flag): bf16 is emulated and "
-                     "measured 30x slower than fp32 here; use fp32")
+                     "measured 30x slower than fp32 on such a CPU; use fp32")
 
 
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> Optional[bool]:
@@ -78,3 +79,10 @@ def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> Optional[bool]:
     if not flags:
         return None
     return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def warn_if_emulated_bf16() -> None:
+    """Warn (:data:`SLOW_BF16_MESSAGE`) when this CPU has no bf16 in hardware; called where
+    bf16 autocast is set up on the CPU."""
+    if cpu_has_native_bf16() is False:
+        warnings.warn(SLOW_BF16_MESSAGE, stacklevel=3)

@@ -35,7 +35,7 @@ def finetuned(tmp_path_factory, tiny_model_dir):
     base = load_base(tiny_model_dir, "cpu")
     cfg = base.cfg
     cases = superres_cases(phantom_cases(1, cfg, seed=3, fov_mm=(20.0, 24.0, 24.0), regions=("abdomen",),
-                                         family="miniature", thin_slice_mm=1.5), FACTORS)
+                                         family="miniature", thin_slice_mm=THIN_SLICE_MM), FACTORS)
     cn_cfg = ControlNetConfig(task="superres", control_channels=CONTROL_CHANNELS["superres"], base=cfg,
                               base_sha256=sha256_file(tiny_model_dir / "model.safetensors"),
                               params={"factors": list(FACTORS)})

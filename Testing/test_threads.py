@@ -50,12 +50,9 @@ def test_bf16_on_a_cpu_without_it_warns_in_training_and_sampling(monkeypatch, tm
 
     from MedDiffFMLib.networks import preset
     from MedDiffFMLib.sampling import PatchSampler, SamplerOptions
-    from MedDiffFMLib.sampling import denoiser as denoiser_module
     from MedDiffFMLib.training import Trainer, TrainOptions
-    from MedDiffFMLib.training import loop as loop_module
 
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(denoiser_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(threads, "cpu_has_native_bf16", lambda: native)
     case = Case(torch.zeros(8, 8, 8), (1.0, 1.0, 1.0))
     for make in (lambda: Trainer([case], tmp_path, TrainOptions(steps=1, progress=False, precision="bf16"),
                                  preset("tiny", window=8), device="cpu"),

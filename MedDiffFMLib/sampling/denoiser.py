@@ -15,7 +15,6 @@ but the final result crosses back to the host.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -27,7 +26,7 @@ from .. import anatomy
 from ..diffusion import NoiseSchedule
 from ..networks import NULL_REGION
 from ..progress import Cancelled
-from ..threads import SLOW_BF16_MESSAGE, cpu_has_native_bf16
+from ..threads import warn_if_emulated_bf16
 from .layout import WindowLayout, axis_coordinates, blend_weight, inverse_weight_sum, make_layout
 
 
@@ -257,8 +256,8 @@ class PatchSampler:
         if self.options.compile:
             self.predictor = _compiled(self.predictor)
         self.device = torch.device(device)
-        if self.device.type == "cpu" and self.options.precision == "bf16" and cpu_has_native_bf16() is False:
-            warnings.warn(SLOW_BF16_MESSAGE, stacklevel=2)
+        if self.device.type == "cpu" and self.options.precision == "bf16":
+            warn_if_emulated_bf16()
         self.cfg = predictor.cfg
         self.schedule = NoiseSchedule(self.cfg)
         w = self.options.window or self.cfg.window

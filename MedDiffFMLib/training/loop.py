@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -18,7 +17,7 @@ from torch import nn
 from ..checkpoint import load_training_state, save_model, save_training_state
 from ..diffusion import NoiseSchedule
 from ..networks import ControlNetConfig, FoundationUNet, ModelConfig, TaskControlNet
-from ..threads import SLOW_BF16_MESSAGE, cpu_has_native_bf16
+from ..threads import warn_if_emulated_bf16
 from .cases import Case
 from .options import TrainOptions
 from .samples import draw_batch
@@ -127,9 +126,8 @@ class Trainer:
         self.use_bf16 = options.precision == "bf16" or (
             options.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.channels_last = self.use_bf16 and self.device.type == "cpu"
-        if self.channels_last and cpu_has_native_bf16() is False:
-            warnings.warn(SLOW_BF16_MESSAGE, stacklevel=2)
         if self.channels_last:
+            warn_if_emulated_bf16()
             self.model.to(memory_format=torch.channels_last_3d)
 
     # ---- state
