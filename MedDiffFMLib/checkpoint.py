@@ -90,7 +90,9 @@ def save_model(directory: PathLike, config: Union[ModelConfig, ControlNetConfig]
     except modelformat.ModelFormatError as e:
         raise CheckpointError(str(e)) from None
     with _atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "kind": cfg["kind"]})
+        # one metadata entry: safetensors writes several in a random order per call, so the same
+        # weights would get a different sha256 on every export (config.json holds the kind)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return directory
 

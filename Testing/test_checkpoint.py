@@ -70,6 +70,15 @@ def test_half_precision_save_loads_into_float32(tmp_path, make_tiny_model):
         torch.testing.assert_close(back[k], v.half().to(v.dtype))
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path, make_tiny_model):
+    """A re-export of unchanged weights keeps its sha256 (the registry and every ControlNet's
+    base_sha256 depend on it); with two metadata entries safetensors varied their order."""
+    model = make_tiny_model(seed=3)
+    shas = {sha256_file(save_model(tmp_path / f"m{i}", model.cfg, model.state_dict(), dtype=torch.float16)
+                        / "model.safetensors") for i in range(12)}
+    assert len(shas) == 1
+
+
 def test_save_overwrites_atomically(tmp_path, make_tiny_model):
     a, b = make_tiny_model(seed=1), make_tiny_model(seed=2)
     d = save_model(tmp_path / "m", a.cfg, a.state_dict())
