@@ -100,6 +100,17 @@ def test_anomaly_synthesis_lesion_targets():
     assert v[("lesion", "threshold Dice within the range of the family's own lesions")].met is False
 
 
+def test_a_missed_target_is_never_printed_as_met():
+    rows = Rows()
+    for c in range(5):
+        for method, auc in (("model, with anatomy labels", 0.93), ("model, no labels", 0.8996),
+                            ("organ-median deviation (labels)", 0.95)):
+            rows.add("heldout", "anomaly", "lesion cases", method, f"c{c}", voxel_auroc=auc)
+    voxel = _by_target(_result(rows))[("anomaly", "voxel AUROC >= 0.9, with and without labels")]
+    # three decimals would print the missed 0.8996 as 0.900, the target itself
+    assert voxel.met is False and "without 0.8996" in voxel.measured and "with labels 0.930" in voxel.measured
+
+
 def test_merge_refuses_other_models_and_duplicate_rows():
     a = _restoration(36.0, 35.0)
     with pytest.raises(ValueError, match="different models"):

@@ -104,6 +104,16 @@ def _fmt(v: Optional[float], decimals: int = 2) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.{decimals}f}"
 
 
+def _fmt_against(v: Optional[float], meets: Callable[[float], bool], decimals: int = 3) -> str:
+    """``v`` with as many decimals as it takes (up to 6) for the printed number to meet the
+    target exactly when ``v`` does: a missed 0.8996 against ">= 0.9" reads 0.8996, not 0.900."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    while decimals < 6 and meets(float(f"{v:.{decimals}f}")) != meets(v):
+        decimals += 1
+    return f"{v:.{decimals}f}"
+
+
 def _all(flags: Sequence[Optional[bool]]) -> Optional[bool]:
     if not flags or any(f is None for f in flags):
         return None
@@ -172,14 +182,18 @@ def _anomaly(result) -> list[Verdict]:
     f_l = _mean(result, "anomaly", "healthy cases", with_labels, "flagged_ml")
     f_n = _mean(result, "anomaly", "healthy cases", without, "flagged_ml")
     both = lambda a, b, ok: None if a is None or b is None else (ok(a) and ok(b))  # noqa: E731
+    voxel_ok, volume_ok = (lambda v: v >= 0.9), (lambda v: v >= 0.95)
+    baseline_ok = lambda v: a_o is not None and v >= a_o  # noqa: E731
     return [
         Verdict("anomaly", "voxel AUROC >= 0.9, with and without labels",
-                f"with labels {_fmt(a_l, 3)}, without {_fmt(a_n, 3)}{_cases_note(n)}",
-                both(a_l, a_n, lambda v: v >= 0.9)),
+                f"with labels {_fmt_against(a_l, voxel_ok)}, without {_fmt_against(a_n, voxel_ok)}{_cases_note(n)}",
+                both(a_l, a_n, voxel_ok)),
         Verdict("anomaly", "voxel AUROC >= the organ-median baseline (both with labels)",
-                f"{_fmt(a_l, 3)} vs {_fmt(a_o, 3)}", None if a_l is None or a_o is None else a_l >= a_o),
-        Verdict("anomaly", "volume AUROC >= 0.95", f"with labels {_fmt(v_l, 3)}, without {_fmt(v_n, 3)}",
-                both(v_l, v_n, lambda v: v >= 0.95)),
+                f"{_fmt_against(a_l, baseline_ok)} vs {_fmt(a_o, 3)}",
+                None if a_l is None or a_o is None else a_l >= a_o),
+        Verdict("anomaly", "volume AUROC >= 0.95",
+                f"with labels {_fmt_against(v_l, volume_ok)}, without {_fmt_against(v_n, volume_ok)}",
+                both(v_l, v_n, volume_ok)),
         Verdict("anomaly", "< 5 ml flagged on healthy volumes", f"with labels {_fmt(f_l)} ml, without {_fmt(f_n)} ml",
                 both(f_l, f_n, lambda v: v < 5.0)),
     ]
