@@ -70,13 +70,20 @@ def test_bars_in_a_target_are_escaped_in_the_table():
     assert "\\|mask mean - ring mean\\|" in line and line.count(" | ") == 3 and line.endswith("| met |")
 
 
-def test_anomaly_synthesis_lesion_targets():
+def _anomaly_rows(with_labels: float, without: float, organ: float) -> Rows:
+    """Five lesion and five healthy cases, each method at one voxel AUROC and 1 ml flagged."""
     rows = Rows()
     for c in range(5):
-        for method, auc in (("model, with anatomy labels", 0.93), ("model, no labels", 0.85),
-                            ("organ-median deviation (labels)", 0.95)):
+        for method, auc in (("model, with anatomy labels", with_labels), ("model, no labels", without),
+                            ("organ-median deviation (labels)", organ)):
             rows.add("heldout", "anomaly", "lesion cases", method, f"c{c}", voxel_auroc=auc)
             rows.add("heldout", "anomaly", "healthy cases", method, f"c{c}", flagged_ml=1.0)
+    return rows
+
+
+def test_anomaly_synthesis_lesion_targets():
+    rows = _anomaly_rows(0.93, 0.85, 0.95)
+    for c in range(5):
         for g, (m, ceiling) in {"bone": (0.9, 1.0), "lung": (0.5, 1.0)}.items():
             rows.add("heldout", "synthesis", g, "model", f"c{c}", threshold_dice=m)
             rows.add("heldout", "synthesis", g, "real phantom (ceiling)", f"c{c}", threshold_dice=ceiling)
@@ -101,14 +108,17 @@ def test_anomaly_synthesis_lesion_targets():
 
 
 def test_a_missed_target_is_never_printed_as_met():
-    rows = Rows()
-    for c in range(5):
-        for method, auc in (("model, with anatomy labels", 0.93), ("model, no labels", 0.8996),
-                            ("organ-median deviation (labels)", 0.95)):
-            rows.add("heldout", "anomaly", "lesion cases", method, f"c{c}", voxel_auroc=auc)
-    voxel = _by_target(_result(rows))[("anomaly", "voxel AUROC >= 0.9, with and without labels")]
+    voxel = _by_target(_result(_anomaly_rows(0.93, 0.8996, 0.95)))[
+        ("anomaly", "voxel AUROC >= 0.9, with and without labels")]
     # three decimals would print the missed 0.8996 as 0.900, the target itself
     assert voxel.met is False and "without 0.8996" in voxel.measured and "with labels 0.930" in voxel.measured
+    # and the other way round: 4.999 ml meets "< 5 ml", which two decimals would print as 5.00
+    rows = Rows()
+    for c in range(5):
+        for method in ("model, with anatomy labels", "model, no labels"):
+            rows.add("heldout", "anomaly", "healthy cases", method, f"c{c}", flagged_ml=4.999)
+    flagged = _by_target(_result(rows))[("anomaly", "< 5 ml flagged on healthy volumes")]
+    assert flagged.met is True and "with labels 4.999 ml" in flagged.measured
 
 
 def test_merge_refuses_other_models_and_duplicate_rows():

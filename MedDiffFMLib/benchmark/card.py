@@ -106,7 +106,8 @@ def _fmt(v: Optional[float], decimals: int = 2) -> str:
 
 def _fmt_against(v: Optional[float], meets: Callable[[float], bool], decimals: int = 3) -> str:
     """``v`` with as many decimals as it takes (up to 6) for the printed number to meet the
-    target exactly when ``v`` does: a missed 0.8996 against ">= 0.9" reads 0.8996, not 0.900."""
+    target exactly when ``v`` does: a missed 0.8996 against ">= 0.9" reads 0.8996, not 0.900.
+    Every number a target judges is printed this way."""
     if v is None or not math.isfinite(v):
         return "-"
     while decimals < 6 and meets(float(f"{v:.{decimals}f}")) != meets(v):
@@ -131,28 +132,32 @@ def _denoise(result) -> list[Verdict]:
     for other, margin, what in (("non-local means, estimated sigma", 0.0, "non-local means with sigma estimated"),
                                 ("Gaussian (tuned sigma)", 1.0, "the tuned Gaussian + 1 dB")):
         parts, flags, n = [], [], MIN_CASES
+        ok = lambda gap, margin=margin: gap >= margin  # noqa: E731
         for c in levels:
             m, o = _mean(result, "denoise", c, model, "psnr_db"), _mean(result, "denoise", c, other, "psnr_db")
             n = min(n, _n(result, "denoise", c, model, "psnr_db"))
             gap = None if m is None or o is None else m - o
-            parts.append(f"{c.split()[0]} HU: {_fmt(m)} vs {_fmt(o)} dB ({_fmt(gap)})")
-            flags.append(None if m is None or o is None else m >= o + margin)
+            parts.append(f"{c.split()[0]} HU: {_fmt(m)} vs {_fmt(o)} dB ({_fmt_against(gap, ok, 2)})")
+            flags.append(None if gap is None else ok(gap))
         out.append(Verdict("denoise", f"PSNR >= {what}", "; ".join(parts) + _cases_note(n), _all(flags)))
     parts, flags = [], []
+    sharp = lambda e: abs(e - 1.0) <= 0.15  # noqa: E731
     for c in levels:
         e = _mean(result, "denoise", c, model, "edge_ratio")
-        parts.append(f"{c.split()[0]} HU: {_fmt(e, 3)}")
-        flags.append(None if e is None else abs(e - 1.0) <= 0.15)
+        parts.append(f"{c.split()[0]} HU: {_fmt_against(e, sharp)}")
+        flags.append(None if e is None else sharp(e))
     out.append(Verdict("denoise", "edge sharpness within 15% of the truth", "; ".join(parts), _all(flags)))
     change = _mean(result, "denoise", "noise-free input", model, "rms_change_hu")
+    unchanged = lambda c: c <= 1.0  # noqa: E731
     out.append(Verdict("denoise", "a noise-free image comes back unchanged (<= 1 HU RMS)",
-                       f"{_fmt(change)} HU RMS", None if change is None else change <= 1.0))
+                       f"{_fmt_against(change, unchanged, 2)} HU RMS", None if change is None else unchanged(change)))
     return out
 
 
 def _superres(result) -> list[Verdict]:
     model = "model (ControlNet)"
     parts, flags, slab, slab_flags, n = [], [], [], [], MIN_CASES
+    gain_ok, exact = (lambda gap: gap >= 1.0), (lambda err: err <= 0.5)
     for c in _conditions(result, "superres", ")"):
         m, cubic = _mean(result, "superres", c, model, "psnr_db"), _mean(result, "superres", c, "cubic interpolation",
                                                                           "psnr_db")
@@ -161,12 +166,12 @@ def _superres(result) -> list[Verdict]:
         gap = None if m is None or cubic is None else m - cubic
         parabolic = _mean(result, "superres", c, PARABOLIC, "psnr_db")
         weight = _mean(result, "superres", c, model, "model_weight")
-        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt(gap)}; parabolic slabs alone "
-                     f"{_fmt(parabolic)} dB, model detail weight {_fmt(weight)})")
-        flags.append(None if m is None or cubic is None else m >= cubic + 1.0)
+        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt_against(gap, gain_ok, 2)}; parabolic "
+                     f"slabs alone {_fmt(parabolic)} dB, model detail weight {_fmt(weight)})")
+        flags.append(None if gap is None else gain_ok(gap))
         err = _mean(result, "superres", c, model, "slab_max_error_hu")
-        slab.append(f"{factor}: {_fmt(err)} HU")
-        slab_flags.append(None if err is None else err <= 0.5)
+        slab.append(f"{factor}: {_fmt_against(err, exact, 2)} HU")
+        slab_flags.append(None if err is None else exact(err))
     return [Verdict("superres", "PSNR >= cubic interpolation + 1 dB", "; ".join(parts) + _cases_note(n), _all(flags)),
             Verdict("superres", "slab means exact (max error <= 0.5 HU)", "; ".join(slab), _all(slab_flags))]
 
@@ -182,7 +187,7 @@ def _anomaly(result) -> list[Verdict]:
     f_l = _mean(result, "anomaly", "healthy cases", with_labels, "flagged_ml")
     f_n = _mean(result, "anomaly", "healthy cases", without, "flagged_ml")
     both = lambda a, b, ok: None if a is None or b is None else (ok(a) and ok(b))  # noqa: E731
-    voxel_ok, volume_ok = (lambda v: v >= 0.9), (lambda v: v >= 0.95)
+    voxel_ok, volume_ok, few_ml = (lambda v: v >= 0.9), (lambda v: v >= 0.95), (lambda v: v < 5.0)
     baseline_ok = lambda v: a_o is not None and v >= a_o  # noqa: E731
     return [
         Verdict("anomaly", "voxel AUROC >= 0.9, with and without labels",
@@ -190,17 +195,19 @@ def _anomaly(result) -> list[Verdict]:
                 both(a_l, a_n, voxel_ok)),
         Verdict("anomaly", "voxel AUROC >= the organ-median baseline (both with labels)",
                 f"{_fmt_against(a_l, baseline_ok)} vs {_fmt(a_o, 3)}",
-                None if a_l is None or a_o is None else a_l >= a_o),
+                None if a_l is None or a_o is None else baseline_ok(a_l)),
         Verdict("anomaly", "volume AUROC >= 0.95",
                 f"with labels {_fmt_against(v_l, volume_ok)}, without {_fmt_against(v_n, volume_ok)}",
                 both(v_l, v_n, volume_ok)),
-        Verdict("anomaly", "< 5 ml flagged on healthy volumes", f"with labels {_fmt(f_l)} ml, without {_fmt(f_n)} ml",
-                both(f_l, f_n, lambda v: v < 5.0)),
+        Verdict("anomaly", "< 5 ml flagged on healthy volumes",
+                f"with labels {_fmt_against(f_l, few_ml, 2)} ml, without {_fmt_against(f_n, few_ml, 2)} ml",
+                both(f_l, f_n, few_ml)),
     ]
 
 
 def _synthesis(result) -> list[Verdict]:
     parts, flags, n = [], [], MIN_CASES
+    share_ok = lambda share: share >= 0.8  # noqa: E731
     for g in SYNTHESIS_GROUPS:
         m = _mean(result, "synthesis", g, "model", "threshold_dice")
         c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
@@ -208,8 +215,8 @@ def _synthesis(result) -> list[Verdict]:
             parts.append(f"{g}: not present")
             continue
         n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
-        parts.append(f"{g}: {m:.2f} / {c:.2f} = {m / c:.2f}" if c > 0 else f"{g}: ceiling 0")
-        flags.append(c > 0 and m >= 0.8 * c)
+        parts.append(f"{g}: {m:.2f} / {c:.2f} = {_fmt_against(m / c, share_ok, 2)}" if c > 0 else f"{g}: ceiling 0")
+        flags.append(c > 0 and share_ok(m / c))
     return [Verdict("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group",
                     "; ".join(parts) + _cases_note(n), _all(flags))]
 
@@ -220,11 +227,12 @@ def _inpaint(result) -> list[Verdict]:
     s = _mean(result, "inpaint", "healthy content", model, "std_ratio")
     n = _n(result, "inpaint", "healthy content", model, "abs_delta_mean_hu")
     d_in = _mean(result, "inpaint", "healthy content", "input (unchanged)", "abs_delta_mean_hu")
+    level_ok, texture_ok = (lambda d: d <= 15.0), (lambda s: abs(s - 1.0) <= 0.5)
     return [Verdict("inpaint", "|mask mean - ring mean| <= 15 HU (healthy content)",
-                    f"{_fmt(d, 1)} HU (the unchanged input: {_fmt(d_in, 1)} HU){_cases_note(n)}",
-                    None if d is None else d <= 15.0),
-            Verdict("inpaint", "texture std within 50% of the ring's", f"ratio {_fmt(s)}",
-                    None if s is None else abs(s - 1.0) <= 0.5)]
+                    f"{_fmt_against(d, level_ok, 1)} HU (the unchanged input: {_fmt(d_in, 1)} HU){_cases_note(n)}",
+                    None if d is None else level_ok(d)),
+            Verdict("inpaint", "texture std within 50% of the ring's", f"ratio {_fmt_against(s, texture_ok, 2)}",
+                    None if s is None else texture_ok(s))]
 
 
 def _lesion(result) -> list[Verdict]:
