@@ -48,6 +48,8 @@ class SamplerOptions:
             also puts the windows in channels_last_3d).
         clip_x0: clip the clean estimate to [-1, 1] at every step.
         compile: run the network through ``torch.compile``.
+        mirrors: average every estimate over this many mirror images of the volume (1, 2, 4
+            or 8; see :data:`MIRROR_AXES`): a geometric self-ensemble, that many network passes.
     """
 
     steps: int = 50
@@ -62,8 +64,11 @@ class SamplerOptions:
     precision: str = "fp32"
     clip_x0: bool = True
     compile: bool = False
+    mirrors: int = 1
 
     def __post_init__(self) -> None:
+        if self.mirrors not in (1, 2, 4, 8):
+            raise ValueError(f"mirrors must be 1, 2, 4 or 8, got {self.mirrors}")
         if self.method not in ("ddim", "ddpm"):
             raise ValueError(f"method must be 'ddim' or 'ddpm', got {self.method!r}")
         if not 0.0 <= self.overlap < 1.0:
@@ -104,6 +109,47 @@ class Condition:
 
     def ranges(self) -> list[tuple[float, float]]:
         return list(self.coord_range) if self.coord_range is not None else [(-1.0, 1.0)] * 3
+
+
+# The mirror images of a self-ensemble, as the volume axes (0, 1, 2 = k, j, i) each one flips.
+# The slice axis first: its mirror image was the one that helped (held-out cases at 25 HU, one
+# more view: +0.34 / +0.21 / +0.09 dB denoising PSNR for a k flip, +0.05 dB for an i flip).
+MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (0,), (1,), (0, 1), (2,), (0, 2), (1, 2), (0, 1, 2))
+
+
+def mirrored(cond: Condition, axes: Sequence[int]) -> Condition:
+    """``cond`` for the volume's content flipped along ``axes`` (of 0, 1, 2 = k, j, i): the
+    per-voxel conditions (anatomy, control) flip with the image; the coordinate channels stay,
+    so a window keeps its place in the volume. Reversing them too would show the network a
+    coordinate field running backwards, which training never does (3 held-out cases at 25 HU,
+    4 views: +0.11 dB denoising PSNR with reversed coordinates, flips (i, j, ij); +0.27 dB
+    with kept ones, flips (k, j, kj))."""
+
+    def flip(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.flip([t.ndim - 3 + a for a in axes])
+
+    return Condition(cond.spacing, cond.region, flip(cond.anatomy), flip(cond.control), cond.coord_range)
+
+
+class MirrorEnsemble:
+    """``denoiser(x_t, t) -> eps``: the mean of :class:`PatchDenoiser` estimates over mirror
+    images of the volume (see :func:`mirrored`), each flipped back: the network's errors differ
+    between mirror images and partly cancel (a geometric self-ensemble)."""
+
+    def __init__(self, denoisers: Sequence["PatchDenoiser"], axes: Sequence[Sequence[int]]):
+        self.views = list(zip(denoisers, (list(a) for a in axes)))
+
+    @torch.inference_mode()
+    def __call__(self, x_t: torch.Tensor, t: int, on_window: Optional[Callable[[int, int], None]] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        n = len(self.views)
+        acc = None
+        for k, (den, axes) in enumerate(self.views):
+            report = None if on_window is None else (lambda d, total, k=k: on_window(k * total + d, n * total))
+            eps = den(x_t.flip(axes) if axes else x_t, t, on_window=report, cancel=cancel)
+            eps = eps.flip(axes) if axes else eps
+            acc = eps if acc is None else acc.add_(eps)
+        return acc.div_(n)
 
 
 def _pad(t: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
@@ -268,9 +314,15 @@ class PatchSampler:
         """The windows over a (D, H, W) volume."""
         return make_layout(shape, self.window, self.cfg.downsampling, self.options.overlap)
 
-    def denoiser(self, cond: Condition, shape: Sequence[int]) -> PatchDenoiser:
-        """The whole-volume denoiser for one grid and its conditions."""
-        return PatchDenoiser(self.predictor, cond, self.layout(shape), self.options, self.device)
+    def denoiser(self, cond: Condition, shape: Sequence[int]) -> PatchDenoiser | MirrorEnsemble:
+        """The whole-volume denoiser for one grid and its conditions (a :class:`MirrorEnsemble`
+        when ``options.mirrors`` > 1)."""
+        layout = self.layout(shape)
+        if self.options.mirrors == 1:
+            return PatchDenoiser(self.predictor, cond, layout, self.options, self.device)
+        axes = MIRROR_AXES[:self.options.mirrors]
+        return MirrorEnsemble([PatchDenoiser(self.predictor, mirrored(cond, a), layout, self.options, self.device)
+                               for a in axes], axes)
 
     def predict_eps(self, x_t: torch.Tensor, t: int, cond: Condition, **kwargs) -> torch.Tensor:
         """One blended estimate (D, H, W) for ``x_t``, on the CPU (a one-off pass)."""

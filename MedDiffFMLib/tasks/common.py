@@ -148,6 +148,7 @@ def sampler_for(predictor, params: dict, device, **overrides):
         batch_size=int(params.get("batch_size", 4)), precision=precision,
         guidance_scale=float(params.get("guidance_scale", 1.0)),
         control_scale=float(params.get("control_scale", 1.0)), compile=bool(params.get("compile", False)),
+        mirrors=int(params.get("mirrors", 1)),
         **overrides)
     return PatchSampler(predictor, opts, device)
 

@@ -1,5 +1,9 @@
 """Zero-shot denoising by DiffPIR plug-and-play restoration (Zhu et al. 2023), on the input's grid.
 
+Every network estimate is averaged over ``mirrors`` mirror images of the volume (default 4:
+held-out cases at 25 HU gained +0.39 / +0.29 / +0.12 dB PSNR over one view, 8 views +0.43 /
++0.33 / +0.14 dB), which costs that many passes; see :class:`sampling.MirrorEnsemble`.
+
 The noise level is estimated from the image (or given). Do-no-harm rules:
 
 * where the finest-scale detail (:func:`finest_detail_hu` or :func:`finest_residual`, the

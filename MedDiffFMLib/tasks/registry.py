@@ -177,6 +177,8 @@ COMMON_PARAMS: dict[str, ParamSpec] = {
     "precision": ParamSpec(str, "auto", "auto (bf16 on GPUs that have it, fp32 on the CPU), fp32, bf16 (also on "
                                         "the CPU, with channels_last_3d) or fp16 (GPU)",
                            ("auto", "fp32", "bf16", "fp16")),
+    "mirrors": ParamSpec(int, 1, "average every network estimate over this many mirror images of the volume "
+                                 "(1, 2, 4 or 8; each costs one more pass)", minimum=1, maximum=8),
     "compile": ParamSpec(bool, False, "compile the network with torch.compile (slow first step, faster after)"),
     "backend": ParamSpec(str, "torch", "network runtime: torch, or onnx (onnxruntime; its CUDA provider with "
                                        "onnxruntime-gpu)", ("torch", "onnx")),
@@ -208,6 +210,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                                minimum=0.0, exclusive_minimum=True, maximum=10.0),
             lam=ParamSpec(float, 10.0, "DiffPIR lambda: weight of the prior against the data",
                           minimum=0.0, exclusive_minimum=True, maximum=1e4),
+            mirrors=ParamSpec(int, 4, "average every network estimate over this many mirror images of the volume "
+                                      "(1, 2, 4 or 8; each costs one more pass; 4 gained 0.1-0.4 dB PSNR on "
+                                      "held-out phantoms, 8 little more)", minimum=1, maximum=8),
         ),
         outputs=(OutputSpec("denoised", "denoised", "volume", primary=True),),
     ),
@@ -316,4 +321,6 @@ def check_params(task: str, params: Mapping[str, Any]) -> dict[str, Any]:
     out = {name: spec.check(name, params.get(name, spec.default)) for name, spec in specs.items()}
     if out.get("window", 0) not in (0,) and out["window"] < 8:
         raise ValueError(f"parameter 'window' must be 0 (the model's own) or 8 to 512, got {out['window']}")
+    if out.get("mirrors", 1) not in (1, 2, 4, 8):
+        raise ValueError(f"parameter 'mirrors' must be 1, 2, 4 or 8, got {out['mirrors']}")
     return out
