@@ -58,7 +58,7 @@ def first_run_panel(scene) -> tuple[Panel, object]:
 def test_first_run_values_are_the_registry_defaults_of_the_first_task(app):
     panel, _ = first_run_panel(app.scene)
     denoise = TASKS["denoise"].params
-    assert taskoptions.DEFAULT_TASK == "denoise" and panel.steps == denoise["steps"].default == 2
+    assert taskoptions.DEFAULT_TASK == "denoise" and panel.steps == denoise["steps"].default == 1
     assert panel.strength == denoise["strength"].default and panel.noiseLevel == denoise["noise_level"].default
     assert panel.noiseFraction == TASKS["anomaly"].params["noise_fraction"].default  # first task that has it
     assert taskoptions.parameters("denoise", panel) == {

@@ -201,8 +201,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
         "denoise", "Denoising", "zero-shot denoising (DiffPIR with the noise level estimated from the image)",
         module="denoise", controlnet=None, needs_image=True, needs_mask=False, accepts_anatomy=True,
         params=_params(
-            steps=ParamSpec(int, 2, "reverse steps from the step that matches the noise level (few steps give "
-                                    "the most faithful, MMSE-like estimate; more give sharper texture)",
+            steps=ParamSpec(int, 1, "reverse steps from the step that matches the noise level (one step gives "
+                                    "the MMSE-like estimate, as good as 2 on held-out phantoms at half the cost; "
+                                    "more give sharper texture)",
                             minimum=1, maximum=1000),
             noise_level=ParamSpec(float, 0.0, "noise standard deviation (0 = estimate it from the image)",
                                   minimum=0.0, maximum=1000.0, unit="HU"),
