@@ -17,29 +17,30 @@ PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_nat
 #    random oblique clinical grids, 0.6-3 mm in-plane, 0.5-5 mm slices), 32^3 windows, CPU bf16
 #    autocast with channels_last_3d where native. A new run continues the campaign from the shipped
 #    base (fresh optimizer; BASE_INIT overrides); RESUME=--resume continues a run in $OUT exactly.
-#    (Steps 1-464 were trained on 60 miniature phantoms, 465-4,000 on 96 adult ones at lr 2e-4.)
+#    (Steps 1-464 were trained on 60 miniature phantoms, 465-4,000 on 96 adult ones at lr 2e-4,
+#    4,001-9,100 (seed 5) and 9,101-13,811 (seed 7) as below, 80 minutes each.)
 meddiff-fm train --preset small --phantoms 144 --phantom-seed 0 --phantom-family adult --phantom-max-voxels 1000000 --steps 20000 --max-minutes ${BASE_MINUTES:-80} \
-    --batch-size 2 --lr 1e-4 --ema-decay 0.998 --checkpoint-every 100 --seed 5 --device cpu --precision $PRECISION \
+    --batch-size 2 --lr 1e-4 --ema-decay 0.998 --checkpoint-every 100 --seed ${BASE_SEED:-7} --device cpu --precision $PRECISION \
     --out "$OUT/base_v2" ${RESUME:---init-from ${BASE_INIT:-Resources/models/meddifffm-demo-base}}
 meddiff-fm export "$OUT/base_v2/model" --fp16 --to Resources/models/meddifffm-demo-base --register \
-    --id meddifffm-demo-base --version "demo-2.2" --default --min-gpu-memory-gb 1 \
+    --id meddifffm-demo-base --version "demo-2.3" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
 #    super-resolution over factors 2-6 on thin-slice phantoms, its condition the parabolic slab
 #    reconstruction, and lesions (side by side, one core each). A new run starts from the shipped
 #    ControlNet of its task (V1_CN=none starts from the base's encoder): a new base needs only a short
-#    run to carry a ControlNet over to it (demo-2.4 / demo-2.2: 18 minutes each)
+#    run to carry a ControlNet over to it (demo-2.5 / demo-2.3: 18 minutes each)
 CN_FAMILY="--phantom-family adult --phantom-max-voxels 1000000"
 init_cn() { [ "${V1_CN:-}" = none ] || echo "--init-from Resources/models/meddifffm-demo-$1"; }
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --phantoms 40 --phantom-seed 0 $CN_FAMILY \
     --steps 20000 --max-minutes ${SR_MINUTES:-18} --batch-size 2 --lr 1e-4 --ema-decay 0.99 --checkpoint-every 100 \
-    --seed 5 --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
+    --seed 8 --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 $CN_FAMILY \
     --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-18} --batch-size 2 --lr 2e-4 --ema-decay 0.99 \
-    --checkpoint-every 100 --seed 6 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
+    --checkpoint-every 100 --seed 9 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
 wait
 for task in superres lesion; do
-    version=demo-2.2; [ "$task" = superres ] && version=demo-2.4
+    version=demo-2.3; [ "$task" = superres ] && version=demo-2.5
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
         --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "$version" --min-gpu-memory-gb 1 \
         --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
