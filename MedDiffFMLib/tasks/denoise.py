@@ -5,6 +5,9 @@ held-out cases at 25 HU gained +0.39 / +0.29 / +0.12 dB PSNR over one view, 8 vi
 +0.33 / +0.14 dB), which costs that many passes; see :class:`sampling.MirrorEnsemble`. One
 reverse step is the default: against 2 steps (4 views, held-out cases at 15 and 40 HU) it
 measured -0.03 to +0.09 dB PSNR and the same edge sharpness (within 0.002), at half the cost.
+With lambda 40 (see the registry) it beat 2 steps with lambda 10 over the whole held-out
+benchmark (5 cases, 4 views): +0.20 / +0.16 / +0.09 dB at 15 / 25 / 40 HU (edge sharpness
+-0.002 to -0.007); on the demo's case it lost 0.16 dB.
 
 The noise level is estimated from the image (or given). Do-no-harm rules:
 
