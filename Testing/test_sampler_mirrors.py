@@ -1,8 +1,6 @@
 """The mirror self-ensemble: every estimate averaged over mirror images of the volume's content
 (image, anatomy and control flipped together, each estimate flipped back; the coordinates stay)."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -81,7 +79,8 @@ def test_mirrored_conditions_flip_back_to_the_original():
 
 
 def test_progress_counts_the_windows_of_every_view():
-    sampler = PatchSampler(Recorder(fn=_tissue_and_place_field, cfg=preset("tiny")), SamplerOptions(batch_size=2, mirrors=4))
+    sampler = PatchSampler(Recorder(fn=_tissue_and_place_field, cfg=preset("tiny")),
+                           SamplerOptions(batch_size=2, mirrors=4))
     shape = (40, 23, 9)
     den = sampler.denoiser(Condition(), shape)
     assert isinstance(den, MirrorEnsemble)

@@ -14,7 +14,7 @@ from .chains import (ProgressTracker, coarse_to_fine, diffpir, noised, partial_d
 from .denoiser import MIRROR_AXES, Condition, MirrorEnsemble, PatchDenoiser, PatchSampler, SamplerOptions, mirrored
 from .layout import WindowLayout, axis_coordinates, blend_weight, inverse_weight_sum, make_layout, window_starts
 
-__all__ = ["MIRROR_AXES", "Condition", "MirrorEnsemble", "mirrored", "PatchDenoiser", "PatchSampler", "SamplerOptions", "ProgressTracker", "coarse_to_fine",
-           "diffpir", "noised", "partial_diffusion", "repaint", "repaint_schedule", "resize", "resize_condition",
-           "sample_chain", "split_progress", "WindowLayout", "axis_coordinates", "blend_weight", "inverse_weight_sum",
-           "make_layout", "window_starts"]
+__all__ = ["MIRROR_AXES", "Condition", "MirrorEnsemble", "mirrored", "PatchDenoiser", "PatchSampler", "SamplerOptions",
+           "ProgressTracker", "coarse_to_fine", "diffpir", "noised", "partial_diffusion", "repaint", "repaint_schedule",
+           "resize", "resize_condition", "sample_chain", "split_progress", "WindowLayout", "axis_coordinates",
+           "blend_weight", "inverse_weight_sum", "make_layout", "window_starts"]

@@ -8,7 +8,7 @@ MONAI, so the Slicer module and the worker can read it before torch is installed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 __all__ = ["ParamSpec", "OutputSpec", "TaskSpec", "TASKS", "COMMON_PARAMS", "task_spec", "check_params"]
@@ -212,9 +212,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
             lam=ParamSpec(float, 40.0, "DiffPIR lambda: weight of the prior against the data (training-family "
                                        "phantoms at 25 HU: 40 gave +0.03 to +0.11 dB PSNR over 10)",
                           minimum=0.0, exclusive_minimum=True, maximum=1e4),
-            mirrors=ParamSpec(int, 4, "average every network estimate over this many mirror images of the volume "
-                                      "(1, 2, 4 or 8; each costs one more pass; 4 gained 0.1-0.4 dB PSNR on "
-                                      "held-out phantoms, 8 little more)", minimum=1, maximum=8),
+            mirrors=replace(COMMON_PARAMS["mirrors"], default=4,
+                            help=COMMON_PARAMS["mirrors"].help[:-1] + "; 4 gained 0.1-0.4 dB PSNR on held-out "
+                                 "phantoms, 8 little more)"),
         ),
         outputs=(OutputSpec("denoised", "denoised", "volume", primary=True),),
     ),
