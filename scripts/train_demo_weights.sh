@@ -10,6 +10,9 @@ set -x
 OUT=${OUT:-runs}
 RESUME=${RESUME:-}   # set RESUME=--resume to continue the runs in $OUT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# waits for every background run; a failed one stops the script, so that nothing is exported
+# from a run that did not finish (its last checkpoint may be much earlier)
+wait_all() { local pid; for pid in $(jobs -p); do wait "$pid" || exit 1; done; }
 # bf16 autocast where the CPU computes bf16 in hardware (2.3-3.4x faster than fp32 there); an
 # AVX2-only CPU emulates it, 30x slower than fp32 (MedDiffFMLib.threads.cpu_has_native_bf16)
 PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_native_bf16; print('bf16' if cpu_has_native_bf16() else 'fp32')")}
@@ -29,7 +32,7 @@ for seed in $BASE_SEED $((BASE_SEED + 1)); do
         --seed $seed --device cpu --precision $PRECISION --out "$OUT/base_seed$seed" \
         ${RESUME:---init-from ${BASE_INIT:-Resources/models/meddifffm-demo-base}} &
 done
-wait
+wait_all
 meddiff-fm export "$OUT/base_seed$BASE_SEED/model" "$OUT/base_seed$((BASE_SEED + 1))/model" --fp16 \
     --to Resources/models/meddifffm-demo-base --register \
     --id meddifffm-demo-base --version "demo-2.4" --default --min-gpu-memory-gb 1 \
@@ -47,7 +50,7 @@ meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres 
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 $CN_FAMILY \
     --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-18} --batch-size 2 --lr 2e-4 --ema-decay 0.99 \
     --checkpoint-every 100 --seed 11 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
-wait
+wait_all
 for task in superres lesion; do
     version=demo-2.4; [ "$task" = superres ] && version=demo-2.6
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
