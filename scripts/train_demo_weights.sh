@@ -27,15 +27,16 @@ PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_nat
 #    two runs of 4,266 and 4,296 steps (seeds 11 and 12, 70 minutes) averaged into demo-2.4, then
 #    two more from demo-2.4 (seeds 13 and 14, 70 minutes) averaged into demo-2.5.)
 BASE_SEED=${BASE_SEED:-13}
+base_models=()
 for seed in $BASE_SEED $((BASE_SEED + 1)); do
     meddiff-fm train --preset small --phantoms 144 --phantom-seed 0 --phantom-family adult --phantom-max-voxels 1000000 \
         --steps 20000 --max-minutes ${BASE_MINUTES:-70} --batch-size 2 --lr 1e-4 --ema-decay 0.998 --checkpoint-every 100 \
         --seed $seed --device cpu --precision $PRECISION --out "$OUT/base_seed$seed" \
         ${RESUME:---init-from ${BASE_INIT:-Resources/models/meddifffm-demo-base}} &
+    base_models+=("$OUT/base_seed$seed/model")
 done
 wait_all
-meddiff-fm export "$OUT/base_seed$BASE_SEED/model" "$OUT/base_seed$((BASE_SEED + 1))/model" --fp16 \
-    --to Resources/models/meddifffm-demo-base --register \
+meddiff-fm export "${base_models[@]}" --fp16 --to Resources/models/meddifffm-demo-base --register \
     --id meddifffm-demo-base --version "demo-2.5" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
