@@ -110,6 +110,10 @@ def test_anomaly_synthesis_lesion_targets():
 def test_a_missed_target_is_never_printed_as_met():
     voxel = _by_target(_result(_anomaly_rows(0.93, 0.8996, 0.95)))[
         ("anomaly", "voxel AUROC >= 0.9, with and without labels")]
+    baseline = _by_target(_result(_anomaly_rows(0.96027, 0.9, 0.96029)))[
+        ("anomaly", "voxel AUROC >= the organ-median baseline (both with labels)")]
+    # equal to three decimals, yet behind: the gap is printed with the decimals that show its sign
+    assert baseline.met is False and baseline.measured == "0.960 vs 0.960 (-0.00002)"
     # three decimals would print the missed 0.8996 as 0.900, the target itself
     assert voxel.met is False and "without 0.8996" in voxel.measured and "with labels 0.930" in voxel.measured
     # and the other way round: 4.999 ml meets "< 5 ml", which two decimals would print as 5.00

@@ -188,14 +188,14 @@ def _anomaly(result) -> list[Verdict]:
     f_n = _mean(result, "anomaly", "healthy cases", without, "flagged_ml")
     both = lambda a, b, ok: None if a is None or b is None else (ok(a) and ok(b))  # noqa: E731
     voxel_ok, volume_ok, few_ml = (lambda v: v >= 0.9), (lambda v: v >= 0.95), (lambda v: v < 5.0)
-    baseline_ok = lambda v: a_o is not None and v >= a_o  # noqa: E731
+    gap = None if a_l is None or a_o is None else a_l - a_o
+    ahead = lambda g: g >= 0.0  # noqa: E731
     return [
         Verdict("anomaly", "voxel AUROC >= 0.9, with and without labels",
                 f"with labels {_fmt_against(a_l, voxel_ok)}, without {_fmt_against(a_n, voxel_ok)}{_cases_note(n)}",
                 both(a_l, a_n, voxel_ok)),
         Verdict("anomaly", "voxel AUROC >= the organ-median baseline (both with labels)",
-                f"{_fmt_against(a_l, baseline_ok)} vs {_fmt(a_o, 3)}",
-                None if a_l is None or a_o is None else baseline_ok(a_l)),
+                f"{_fmt(a_l, 3)} vs {_fmt(a_o, 3)} ({_fmt_against(gap, ahead)})", None if gap is None else ahead(gap)),
         Verdict("anomaly", "volume AUROC >= 0.95",
                 f"with labels {_fmt_against(v_l, volume_ok)}, without {_fmt_against(v_n, volume_ok)}",
                 both(v_l, v_n, volume_ok)),
