@@ -25,36 +25,38 @@ PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_nat
 #    (Steps 1-464 were trained on 60 miniature phantoms, 465-4,000 on 96 adult ones at lr 2e-4,
 #    4,001-9,100 (seed 5) and 9,101-13,811 (seed 7) as below with one run, 80 minutes each, then
 #    two runs of 4,266 and 4,296 steps (seeds 11 and 12, 70 minutes) averaged into demo-2.4, then
-#    two more from demo-2.4 (seeds 13 and 14, 70 minutes) averaged into demo-2.5.)
-BASE_SEED=${BASE_SEED:-13}
+#    two more from demo-2.4 (seeds 13 and 14, 70 minutes) averaged into demo-2.5, then two from
+#    demo-2.5 (seeds 15 and 16, 85 minutes in two sittings of 30 and 55 with an exact resume:
+#    5,419 and 5,374 steps) averaged into demo-2.6.)
+BASE_SEED=${BASE_SEED:-15}
 base_models=()
 for seed in $BASE_SEED $((BASE_SEED + 1)); do
     meddiff-fm train --preset small --phantoms 144 --phantom-seed 0 --phantom-family adult --phantom-max-voxels 1000000 \
-        --steps 20000 --max-minutes ${BASE_MINUTES:-70} --batch-size 2 --lr 1e-4 --ema-decay 0.998 --checkpoint-every 100 \
+        --steps 20000 --max-minutes ${BASE_MINUTES:-85} --batch-size 2 --lr 1e-4 --ema-decay 0.998 --checkpoint-every 100 \
         --seed $seed --device cpu --precision $PRECISION --out "$OUT/base_seed$seed" \
         ${RESUME:---init-from ${BASE_INIT:-Resources/models/meddifffm-demo-base}} &
     base_models+=("$OUT/base_seed$seed/model")
 done
 wait_all
 meddiff-fm export "${base_models[@]}" --fp16 --to Resources/models/meddifffm-demo-base --register \
-    --id meddifffm-demo-base --version "demo-2.5" --default --min-gpu-memory-gb 1 \
+    --id meddifffm-demo-base --version "demo-2.6" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
 #    super-resolution over factors 2-6 on thin-slice phantoms, its condition the parabolic slab
 #    reconstruction, and lesions (side by side, one core each). A new run starts from the shipped
 #    ControlNet of its task (V1_CN=none starts from the base's encoder): a new base needs only a short
-#    run to carry a ControlNet over to it (demo-2.7 / demo-2.5: 18 minutes each)
+#    run to carry a ControlNet over to it (demo-2.8 / demo-2.6: 18 minutes each)
 CN_FAMILY="--phantom-family adult --phantom-max-voxels 1000000"
 init_cn() { [ "${V1_CN:-}" = none ] || echo "--init-from Resources/models/meddifffm-demo-$1"; }
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --phantoms 40 --phantom-seed 0 $CN_FAMILY \
     --steps 20000 --max-minutes ${SR_MINUTES:-18} --batch-size 2 --lr 1e-4 --ema-decay 0.99 --checkpoint-every 100 \
-    --seed 12 --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
+    --seed 14 --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 $CN_FAMILY \
     --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-18} --batch-size 2 --lr 2e-4 --ema-decay 0.99 \
-    --checkpoint-every 100 --seed 13 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
+    --checkpoint-every 100 --seed 15 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
 wait_all
 for task in superres lesion; do
-    version=demo-2.5; [ "$task" = superres ] && version=demo-2.7
+    version=demo-2.6; [ "$task" = superres ] && version=demo-2.8
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
         --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "$version" --min-gpu-memory-gb 1 \
         --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
