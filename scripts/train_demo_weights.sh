@@ -45,15 +45,16 @@ meddiff-fm export "${base_models[@]}" --fp16 --to Resources/models/meddifffm-dem
 #    super-resolution over factors 2-6 on thin-slice phantoms, its condition the parabolic slab
 #    reconstruction, and lesions (side by side, one core each). A new run starts from the shipped
 #    ControlNet of its task (V1_CN=none starts from the base's encoder): a new base needs only a short
-#    run to carry a ControlNet over to it (demo-2.8 / demo-2.6: 18 minutes each)
+#    run to carry a ControlNet over to it (demo-2.8 / demo-2.6: 18 minutes each). Their seeds follow
+#    the cycle's BASE_SEED (superres BASE_SEED - 1, lesion BASE_SEED), as in every cycle since demo-2.4.
 CN_FAMILY="--phantom-family adult --phantom-max-voxels 1000000"
 init_cn() { [ "${V1_CN:-}" = none ] || echo "--init-from Resources/models/meddifffm-demo-$1"; }
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task superres --phantoms 40 --phantom-seed 0 $CN_FAMILY \
     --steps 20000 --max-minutes ${SR_MINUTES:-18} --batch-size 2 --lr 1e-4 --ema-decay 0.99 --checkpoint-every 100 \
-    --seed 14 --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
+    --seed $((BASE_SEED - 1)) --device cpu --precision $PRECISION --out "$OUT/superres_v2" ${RESUME:-$(init_cn superres)} &
 meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --lesions 3 --phantoms 40 $CN_FAMILY \
     --phantom-seed 2000 --steps 20000 --max-minutes ${CN_MINUTES:-18} --batch-size 2 --lr 2e-4 --ema-decay 0.99 \
-    --checkpoint-every 100 --seed 15 --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
+    --checkpoint-every 100 --seed $BASE_SEED --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
 wait_all
 for task in superres lesion; do
     version=demo-2.6; [ "$task" = superres ] && version=demo-2.8
