@@ -5,7 +5,7 @@ Usage (from test_training.py):
     python -m torch.distributed.run --nproc_per_node 2 --standalone ddp_train_worker.py HASH_DIR train ...
 
 Every rank writes ``HASH_DIR/rank{r}.json`` with sha256 hashes of its final raw weights, its
-EMA weights and its initial weights, and its per-step losses.
+EMA weights and its initial weights, its per-step losses, and whether it left the process group.
 """
 
 import hashlib
@@ -26,6 +26,8 @@ def state_hash(sd) -> str:
 def main() -> int:
     hash_dir = Path(sys.argv[1])
     argv = sys.argv[2:]
+
+    import torch.distributed as dist
 
     from MedDiffFMLib import cli, training
 
@@ -52,6 +54,7 @@ def main() -> int:
         "init_sha256": seen["init"],
         "raw_sha256": state_hash(trainer.model.state_dict()),
         "ema_sha256": state_hash(trainer.ema),
+        "left_group": not dist.is_initialized(),
     }
     (hash_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return rc

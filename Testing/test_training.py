@@ -381,6 +381,8 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     ranks = [json.loads((tmp_path / "hashes" / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world"] == 2 and r["steps"] == 3 for r in ranks)
+    # every rank left the process group before exiting (one left alive can abort its peer at exit)
+    assert all(r["left_group"] for r in ranks)
     # each rank drew its own data ...
     assert ranks[0]["losses"] != ranks[1]["losses"]
     # ... and the gradient all-reduce kept the weights identical

@@ -189,6 +189,7 @@ def _train(trainer, args, what: str) -> int:
         trainer.ema = {k: v.detach().clone().float() for k, v in trainer.model.state_dict().items()}
         print(f"initialised from {args.init_from} ({len(fresh)} tensors kept fresh)")
     losses = trainer.train()
+    trainer.close()
     if trainer.dist.main:
         tail = losses[-min(len(losses), 20):] if losses else [float("nan")]
         print(f"{what}: {trainer.step} steps, mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}; "

@@ -259,6 +259,17 @@ class Trainer:
                 log.close()
         return losses
 
+    def close(self) -> None:
+        """Leave the process group after training, every rank together.
+
+        A rank that exits while the group is still alive can abort its peer from gloo's
+        teardown ("terminate called without an active exception"), failing a finished run.
+        """
+        self.ddp = None
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def _out_of_time(self, t0: float) -> bool:
         flag = torch.tensor([float(time.monotonic() - t0 > 60 * self.opt.max_minutes)])
         if self.dist.world > 1:
