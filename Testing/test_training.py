@@ -1,5 +1,6 @@
 """Training: multi-level samples, condition dropout, learning, EMA, exact resume, checkpoints, DDP."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -366,6 +367,22 @@ def test_checkpoint_every_n_steps(tmp_path):
 
 
 # ------------------------------------------------------------------------------- DDP (gloo)
+def test_close_leaves_a_process_group_the_caller_made(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, but the group exists before training
+        trainer = _small_trainer(tmp_path / "run", 1)
+        assert not trainer.dist.owns_group
+        trainer.train()
+        trainer.dist = dataclasses.replace(trainer.dist, world=2)  # what a rank of two sees
+        trainer.close()
+        assert dist.is_initialized()  # the caller's group is the caller's to close
+    finally:
+        dist.destroy_process_group()
+
+
 def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     pytest.importorskip("MedDiffFMLib.phantoms")
     out = tmp_path / "ddp"

@@ -45,6 +45,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process created the process group (and so leaves it)
 
     @property
     def main(self) -> bool:
@@ -52,13 +53,15 @@ class Dist:
 
 
 def init_distributed(device: str) -> Dist:
-    """Join the ``torchrun`` process group when launched by it; NCCL on CUDA, gloo otherwise."""
+    """Join the ``torchrun`` process group when launched by it (NCCL on CUDA, gloo otherwise),
+    or use the one the caller already made."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return Dist()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns_group)
 
 
 def resolve_device(device: str, d: Dist) -> torch.device:
@@ -260,13 +263,14 @@ class Trainer:
         return losses
 
     def close(self) -> None:
-        """Leave the process group after training, every rank together.
+        """Leave the process group after training, every rank together, if this trainer made it
+        (a caller's own group stays for the caller to close).
 
         A rank that exits while the group is still alive can abort its peer from gloo's
         teardown ("terminate called without an active exception"), failing a finished run.
         """
         self.ddp = None
-        if self.dist.world > 1 and dist.is_initialized():
+        if self.dist.owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
