@@ -28,8 +28,10 @@ PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_nat
 #    two more from demo-2.4 (seeds 13 and 14, 70 minutes) averaged into demo-2.5, then two from
 #    demo-2.5 (seeds 15 and 16, 85 minutes in two sittings of 30 and 55 with an exact resume:
 #    5,419 and 5,374 steps) averaged into demo-2.6, then two from demo-2.6 (seeds 17 and 18, 85
-#    minutes in two sittings of 40 and 45: 5,519 and 5,551 steps) averaged into demo-2.7.)
-BASE_SEED=${BASE_SEED:-17}
+#    minutes in two sittings of 40 and 45: 5,519 and 5,551 steps) averaged into demo-2.7, then two
+#    from demo-2.7 (seeds 19 and 20, 85 minutes in two sittings of 40 and 45: 4,705 and 4,650
+#    steps) averaged into demo-2.8.)
+BASE_SEED=${BASE_SEED:-19}
 base_models=()
 for seed in $BASE_SEED $((BASE_SEED + 1)); do
     meddiff-fm train --preset small --phantoms 144 --phantom-seed 0 --phantom-family adult --phantom-max-voxels 1000000 \
@@ -40,13 +42,13 @@ for seed in $BASE_SEED $((BASE_SEED + 1)); do
 done
 wait_all
 meddiff-fm export "${base_models[@]}" --fp16 --to Resources/models/meddifffm-demo-base --register \
-    --id meddifffm-demo-base --version "demo-2.7" --default --min-gpu-memory-gb 1 \
+    --id meddifffm-demo-base --version "demo-2.8" --default --min-gpu-memory-gb 1 \
     --description "Demo foundation model v2, voxel-size conditioned (0.5-8 mm), trained on synthetic phantoms on a CPU. Not for clinical use."
 # 2. task ControlNets on the exported (fp16) base, so that they record the shipped base's sha256:
 #    super-resolution over factors 2-6 on thin-slice phantoms, its condition the parabolic slab
 #    reconstruction, and lesions (side by side, one core each). A new run starts from the shipped
 #    ControlNet of its task (V1_CN=none starts from the base's encoder): a new base needs only a short
-#    run to carry a ControlNet over to it (demo-2.9 / demo-2.7: 18 minutes each). Their seeds follow
+#    run to carry a ControlNet over to it (demo-2.10 / demo-2.8: 18 minutes each). Their seeds follow
 #    the cycle's BASE_SEED (superres BASE_SEED - 1, lesion BASE_SEED), as in every cycle since demo-2.4.
 CN_FAMILY="--phantom-family adult --phantom-max-voxels 1000000"
 init_cn() { [ "${V1_CN:-}" = none ] || echo "--init-from Resources/models/meddifffm-demo-$1"; }
@@ -58,7 +60,7 @@ meddiff-fm finetune --base Resources/models/meddifffm-demo-base --task lesion --
     --checkpoint-every 100 --seed $BASE_SEED --device cpu --precision $PRECISION --out "$OUT/lesion_v2" ${RESUME:-$(init_cn lesion)} &
 wait_all
 for task in superres lesion; do
-    version=demo-2.7; [ "$task" = superres ] && version=demo-2.9
+    version=demo-2.8; [ "$task" = superres ] && version=demo-2.10
     meddiff-fm export "$OUT/${task}_v2/model" --fp16 --to "Resources/models/meddifffm-demo-$task" --register \
         --id "meddifffm-demo-$task" --base-id meddifffm-demo-base --version "$version" --min-gpu-memory-gb 1 \
         --description "Demo $task ControlNet v2 on the voxel-size conditioned base, trained on synthetic phantoms on a CPU. Not for clinical use."
