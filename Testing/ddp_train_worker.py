@@ -1,6 +1,6 @@
 """Run ``meddiff-fm train`` under torchrun and record what each rank ends with.
 
-Usage (from test_training.py):
+Usage (from test_training_ddp.py):
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone ddp_train_worker.py HASH_DIR train ...
 
@@ -8,19 +8,13 @@ Every rank writes ``HASH_DIR/rank{r}.json`` with sha256 hashes of its final raw 
 EMA weights and its initial weights, its per-step losses, and whether it left the process group.
 """
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-
-def state_hash(sd) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        h.update(k.encode())
-        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_helpers import state_hash  # noqa: E402  (the hash the test compares with)
 
 
 def main() -> int:

@@ -1,10 +1,7 @@
-"""Training: multi-level samples, condition dropout, learning, EMA, exact resume, checkpoints, DDP."""
+"""Training: multi-level samples, condition dropout, learning, EMA, exact resume, checkpoints (DDP:
+test_training_ddp.py)."""
 
-import dataclasses
-import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,38 +15,8 @@ from MedDiffFMLib.checkpoint import load_base, read_config
 from MedDiffFMLib.networks import NULL_REGION, REGION_INDEX, preset
 from MedDiffFMLib.training import Case, Trainer, TrainOptions, draw_batch, draw_sample
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-def _coords(shape):
-    return torch.stack(torch.meshgrid(*[torch.linspace(-1.0, 1.0, n) for n in shape], indexing="ij"))
-
-
-def _linear(c):
-    """A volume that is a linear function of the whole-volume coordinates."""
-    return 0.3 * c[0] + 0.5 * c[1] - 0.2 * c[2]
-
-
-def _structured_cases(n=2, shape=(12, 12, 12), seed=0):
-    """Small smooth synthetic volumes with group maps (no phantoms needed)."""
-    g = torch.Generator().manual_seed(seed)
-    cases = []
-    for i in range(n):
-        c = _coords(shape)
-        r = (c ** 2).sum(0).sqrt()
-        image = torch.where(r < 0.6 + 0.1 * i, 0.4, -0.8) + 0.05 * torch.randn(shape, generator=g)
-        groups = (r < 0.6 + 0.1 * i).to(torch.int8) * (2 + i)
-        cases.append(Case(image.float(), (2.0, 1.5, 1.5), groups, region=1 + i, name=f"synthetic-{i}"))
-    return cases
-
-
-def _state_hash(sd):
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        h.update(k.encode())
-        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_helpers import grid_coords, linear, small_trainer, structured_cases  # noqa: E402
 
 
 # ------------------------------------------------------------------------------- multi-level samples
@@ -59,11 +26,11 @@ WINDOW = 8
 
 @pytest.fixture
 def ramp_case():
-    c = _coords(SHAPE)
+    c = grid_coords(SHAPE)
     groups = torch.zeros(SHAPE, dtype=torch.int8)
     groups[:12] = 2 + anatomy.GROUP_NAMES.index("bone")
     groups[12:] = 1
-    return Case(_linear(c).float(), (2.5, 0.8, 0.7), groups, region=2)
+    return Case(linear(c).float(), (2.5, 0.8, 0.7), groups, region=2)
 
 
 def test_image_level_sample_spans_the_whole_volume(ramp_case):
@@ -71,9 +38,9 @@ def test_image_level_sample_spans_the_whole_volume(ramp_case):
     assert s["x0"].shape == (1, WINDOW, WINDOW, WINDOW)
     assert s["coords"].shape == (3, WINDOW, WINDOW, WINDOW)
     assert s["anatomy"].shape == (anatomy.NUM_CHANNELS, WINDOW, WINDOW, WINDOW)
-    torch.testing.assert_close(s["coords"], _coords((WINDOW,) * 3))
+    torch.testing.assert_close(s["coords"], grid_coords((WINDOW,) * 3))
     # the resized image is still the same function of the coordinates
-    torch.testing.assert_close(s["x0"][0], _linear(s["coords"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s["x0"][0], linear(s["coords"]), atol=1e-5, rtol=0)
     assert int(s["region"]) == 2
     assert torch.all(s["anatomy"][-1] == 1)  # the "anatomy given" flag
     # one sample voxel covers (volume / window) case voxels: the image level is coarse
@@ -108,7 +75,7 @@ def test_warm_start_keeps_an_earlier_network_and_zeroes_new_input_channels(make_
 def test_cpu_bf16_training_step_is_finite(tmp_path):
     cfg = preset("tiny", window=8)
     opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, progress=False, precision="bf16", checkpoint_every=10_000)
-    trainer = Trainer(_structured_cases(), tmp_path, opts, cfg, device="cpu")
+    trainer = Trainer(structured_cases(), tmp_path, opts, cfg, device="cpu")
     assert trainer.use_bf16 and trainer.channels_last
     losses = trainer.train()
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -119,7 +86,7 @@ def test_cpu_bf16_training_step_is_finite(tmp_path):
 def test_native_crop_has_the_whole_volume_coordinates(ramp_case, seed):
     s = draw_sample(ramp_case, WINDOW, torch.Generator().manual_seed(seed), level=2)
     coords = s["coords"]
-    full = _coords(SHAPE)
+    full = grid_coords(SHAPE)
     # where is the crop? read the start back from the first voxel's coordinates
     k0 = int(round((float(coords[0, 0, 0, 0]) + 1) / 2 * (SHAPE[0] - 1)))
     j0 = int(round((float(coords[1, 0, 0, 0]) + 1) / 2 * (SHAPE[1] - 1)))
@@ -151,7 +118,7 @@ def test_double_crop_coordinates_span_the_right_sub_range(ramp_case, seed):
         # the start lies on a voxel of the whole volume
         start = (float(line[0]) + 1) / 2 * (n - 1)
         assert start == pytest.approx(round(start), abs=1e-4)
-    torch.testing.assert_close(s["x0"][0], _linear(coords), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s["x0"][0], linear(coords), atol=1e-5, rtol=0)
 
 
 def test_case_without_labels_gets_the_null_anatomy():
@@ -164,8 +131,8 @@ def test_case_without_labels_gets_the_null_anatomy():
 
 def test_condition_dropout_and_level_rates():
     shape = (12, 12, 12)
-    c = _coords(shape)
-    case = Case(_linear(c).float(), groups=torch.ones(shape, dtype=torch.int8), region=2)
+    c = grid_coords(shape)
+    case = Case(linear(c).float(), groups=torch.ones(shape, dtype=torch.int8), region=2)
     opts = TrainOptions(p_drop_region=0.3, p_drop_anatomy=0.6, level_probs=(0.5, 0.3, 0.2))
     n = 1200
     batch = draw_batch([case], n, 4, torch.Generator().manual_seed(0), opts)
@@ -300,21 +267,14 @@ def test_model_directory_holds_the_ema(trained):
 
 
 # ------------------------------------------------------------------------------- exact resume
-def _small_trainer(out, steps, **kw):
-    cfg = preset("tiny", window=8)
-    kw = {"checkpoint_every": 10_000, **kw}
-    opts = TrainOptions(steps=steps, batch_size=2, lr=1e-3, ema_decay=0.9, progress=False, seed=3, **kw)
-    return Trainer(_structured_cases(), out, opts, cfg, device="cpu")
-
-
 def test_resume_continues_exactly(tmp_path):
-    straight = _small_trainer(tmp_path / "straight", 6)
+    straight = small_trainer(tmp_path / "straight", 6)
     losses_straight = straight.train()
 
-    first = _small_trainer(tmp_path / "split", 3)
+    first = small_trainer(tmp_path / "split", 3)
     losses_first = first.train()
     assert (tmp_path / "split" / "training_state" / "state.json").is_file()
-    second = _small_trainer(tmp_path / "split", 6)
+    second = small_trainer(tmp_path / "split", 6)
     assert not all(torch.equal(a, b) for a, b in zip(second.model.state_dict().values(),
                                                       first.model.state_dict().values()))
     second.resume()
@@ -338,12 +298,12 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_refuses_another_world_size(tmp_path):
-    _small_trainer(tmp_path, 1).train()
+    small_trainer(tmp_path, 1).train()
     state = json.loads((tmp_path / "training_state" / "state.json").read_text(encoding="utf-8"))
     state["world"] = 2
     (tmp_path / "training_state" / "state.json").write_text(json.dumps(state), encoding="utf-8")
     with pytest.raises(ValueError, match="2 processes"):
-        _small_trainer(tmp_path, 2).resume()
+        small_trainer(tmp_path, 2).resume()
 
 
 def test_checkpoint_every_n_steps(tmp_path):
@@ -354,7 +314,7 @@ def test_checkpoint_every_n_steps(tmp_path):
         state = out / "training_state" / "state.json"
         seen[step] = json.loads(state.read_text(encoding="utf-8"))["step"] if state.is_file() else None
 
-    trainer = _small_trainer(out, 5, checkpoint_every=2)
+    trainer = small_trainer(out, 5, checkpoint_every=2)
     trainer.train(on_step)
     # on_step runs before the checkpoint of its own step
     assert seen == {1: None, 2: None, 3: 2, 4: 2, 5: 4}
@@ -364,50 +324,3 @@ def test_checkpoint_every_n_steps(tmp_path):
     assert json.loads((out / "training_state" / "state.json").read_text(encoding="utf-8"))["step"] == 5
     assert read_config(out / "model")["meta"]["steps"] == 5
     assert not [p for p in (out).iterdir() if p.name.startswith(".")]  # no temporary leftovers
-
-
-# ------------------------------------------------------------------------------- DDP (gloo)
-def test_close_leaves_a_process_group_the_caller_made(tmp_path, monkeypatch):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, but the group exists before training
-        trainer = _small_trainer(tmp_path / "run", 1)
-        assert not trainer.dist.owns_group
-        trainer.train()
-        trainer.dist = dataclasses.replace(trainer.dist, world=2)  # what a rank of two sees
-        trainer.close()
-        assert dist.is_initialized()  # the caller's group is the caller's to close
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
-    pytest.importorskip("MedDiffFMLib.phantoms")
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(HERE / "ddp_train_worker.py"), str(tmp_path / "hashes"),
-           "train", "--preset", "tiny", "--phantoms", "2", "--phantom-family", "miniature", "--phantom-fov", "64", "80", "80",
-           "--spacing-range", "4", "8",
-           "--steps", "3", "--batch-size", "1", "--lr", "1e-3", "--out", str(out), "--device", "cpu",
-           "--no-progress", "--checkpoint-every", "100"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / "hashes" / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert all(r["world"] == 2 and r["steps"] == 3 for r in ranks)
-    # every rank left the process group before exiting (one left alive can abort its peer at exit)
-    assert all(r["left_group"] for r in ranks)
-    # each rank drew its own data ...
-    assert ranks[0]["losses"] != ranks[1]["losses"]
-    # ... and the gradient all-reduce kept the weights identical
-    assert ranks[0]["raw_sha256"] == ranks[1]["raw_sha256"]
-    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
-    assert ranks[0]["raw_sha256"] != ranks[0]["init_sha256"]
-    # rank 0 wrote the (EMA) model; the checkpoint records both ranks' random states
-    assert _state_hash(load_file(str(out / "model" / "model.safetensors"))) == ranks[0]["ema_sha256"]
-    state = load_file(str(out / "training_state" / "state.safetensors"))
-    assert {"rng.0", "rng.1"} <= set(state)
-    assert json.loads((out / "training_state" / "state.json").read_text(encoding="utf-8"))["world"] == 2
