@@ -194,17 +194,17 @@ def _superres(out: Path, base_dir, controlnet, seed: int, fov_mm, device, report
     if sr.shape != truth.shape or not np.allclose(sr.ijk_to_ras, case.ijk_to_ras, atol=1e-4):
         raise RuntimeError(f"super-resolution returned grid {sr.shape} instead of the thin grid {truth.shape}")
     cubic = baselines.interpolate(thick, thick_matrix, truth.shape, case.ijk_to_ras, 3)
-    parabolic = baselines.parabolic_slabs(thick, f)
+    tv = baselines.tv_slabs(thick, f, spacing)
     inside = ~preprocessing.outside_window(thick, case.region) & metrics.slab_means(body, f).astype(bool)
     numbers = {"factor": f, "input_slice_mm": float(spacing[0] * f), "output_slice_mm": float(spacing[0]),
                "psnr_model_db": metrics.windowed_psnr(sr.array, truth, window, body),
                "psnr_cubic_db": metrics.windowed_psnr(cubic, truth, window, body),
-               "psnr_parabolic_db": metrics.windowed_psnr(parabolic, truth, window, body),
+               "psnr_tv_slabs_db": metrics.windowed_psnr(tv, truth, window, body),
                "slab_max_error_model_hu": metrics.slab_mean_error(sr.array, thick, f, inside)[0],
                "slab_max_error_cubic_hu": metrics.slab_mean_error(cubic, thick, f, inside)[0], "seconds": seconds}
     lines.append(("superres", f"{numbers['input_slice_mm']:.1f} -> {numbers['output_slice_mm']:.1f} mm slices: PSNR "
                               f"model {numbers['psnr_model_db']:.2f} dB, cubic {numbers['psnr_cubic_db']:.2f} dB, "
-                              f"parabolic slabs {numbers['psnr_parabolic_db']:.2f} dB; "
+                              f"total-variation slabs {numbers['psnr_tv_slabs_db']:.2f} dB; "
                               f"slab-mean error model {numbers['slab_max_error_model_hu']:.1f} HU", seconds))
     io.write_volume(out / "superres_input.nii.gz", Volume(thick, thick_matrix))
     io.write_volume(out / "superres_output.nii.gz", sr)

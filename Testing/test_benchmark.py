@@ -38,7 +38,8 @@ METHODS = {
     "denoise": ("noisy input", "Gaussian (tuned sigma)", "non-local means, true sigma",
                 "non-local means, estimated sigma", "model (DiffPIR)"),
     "anomaly": ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)"),
-    "superres": ("model (ControlNet)", "linear interpolation", "cubic interpolation", "parabolic slabs (PPM)"),
+    "superres": ("model (ControlNet)", "linear interpolation", "cubic interpolation", "parabolic slabs (PPM)",
+                 "total-variation slabs"),
 }
 
 
@@ -84,9 +85,9 @@ def test_numbers_match_an_independent_computation(result):
     sr = [r for r in result["rows"] if r["family"] == "heldout" and r["section"] == "superres"
           and r["metric"] == "slab_max_error_hu"]
     by_method = {r["method"]: r["mean"] for r in sr}
-    assert len(sr) == 4
+    assert len(sr) == 5
     assert by_method["linear interpolation"] > 0 and by_method["cubic interpolation"] > 0
-    assert by_method["parabolic slabs (PPM)"] < 1e-3 and by_method["model (ControlNet)"] < 1e-3  # exact by design
+    assert all(by_method[m] < 1e-3 for m in ("parabolic slabs (PPM)", "total-variation slabs", "model (ControlNet)"))
 
 
 def test_tables_markdown_and_json(result, tmp_path):

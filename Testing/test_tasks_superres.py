@@ -87,12 +87,12 @@ def test_superres_rejects_bad_parameters(tiny_model_dir, tiny_controlnet_dirs, t
         run("superres", request_for("superres", task_phantom, params), tiny_model_dir, tiny_controlnet_dirs)
 
 
-def test_superres_without_room_for_a_self_check_returns_the_parabolic_slabs(tiny_model_dir, tiny_controlnet_dirs):
+def test_superres_without_room_for_a_self_check_returns_the_classical_slabs(tiny_model_dir, tiny_controlnet_dirs):
     """Three slices cannot be checked at factor 2 (one slab of 2 at the thicker level): the result is the
-    classical parabolic reconstruction, the model's detail left out, and the message says so."""
+    classical total-variation reconstruction, the model's detail left out, and the message says so."""
     import torch
 
-    from MedDiffFMLib.conditions import slab_parabolic
+    from MedDiffFMLib.slab_tv import slab_tv
 
     ph = make_phantom(REGION, shape_kji=(3, 12, 12), spacing_kji=(3.0, 1.0, 1.0), seed=4, noise_hu=0.0,
                       ijk_to_ras=oblique((3.0, 1.0, 1.0)))
@@ -100,25 +100,25 @@ def test_superres_without_room_for_a_self_check_returns_the_parabolic_slabs(tiny
               tiny_model_dir, tiny_controlnet_dirs)
     assert any("self-check impossible" in m for m in res.messages)
     assert res.scores["model_weight"] == 0.0
-    expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
+    expect = slab_tv(torch.from_numpy(ph.hu.astype(np.float64)), 2, (1.5, 1.0, 1.0)).float().numpy()
     np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)
 
 
 def test_superres_skips_the_main_pass_when_the_check_keeps_no_detail(tiny_model_dir, tiny_controlnet_dirs,
                                                                      monkeypatch):
     """A model whose detail is zero gets weight 0 on the check; the main pass, whose detail would be
-    multiplied by 0, is not run, and the result is the parabolic reconstruction."""
+    multiplied by 0, is not run, and the result is the classical total-variation reconstruction."""
     import torch
 
-    from MedDiffFMLib.conditions import slab_parabolic
+    from MedDiffFMLib.slab_tv import slab_tv
     from MedDiffFMLib.tasks import superres
 
     real, calls = superres._model_pass, []
 
     def no_detail(*args, **kwargs):
-        parabolic, detail = real(*args, **kwargs)
-        calls.append(parabolic.shape)
-        return parabolic, torch.zeros_like(detail)
+        base, detail = real(*args, **kwargs)
+        calls.append(base.shape)
+        return base, torch.zeros_like(detail)
 
     monkeypatch.setattr(superres, "_model_pass", no_detail)
     ph = make_phantom(REGION, shape_kji=(6, 12, 12), spacing_kji=(3.0, 1.0, 1.0), seed=6, noise_hu=5.0,
@@ -128,7 +128,7 @@ def test_superres_skips_the_main_pass_when_the_check_keeps_no_detail(tiny_model_
               tiny_model_dir, tiny_controlnet_dirs, progress=reports.append)
     assert calls == [(6, 12, 12)]  # the check (3 slabs of 2 -> 6 slices) only
     assert res.scores["model_weight"] == 0.0 and reports[-1].fraction == 1.0
-    expect = slab_parabolic(torch.from_numpy(ph.hu.astype(np.float64)), 2).float().numpy()
+    expect = slab_tv(torch.from_numpy(ph.hu.astype(np.float64)), 2, (1.5, 1.0, 1.0)).float().numpy()
     np.testing.assert_allclose(res.volumes["superres"].array, expect, rtol=0, atol=1e-3)
 
 

@@ -111,6 +111,16 @@ def parabolic_slabs(thick: np.ndarray, factor: int) -> np.ndarray:
     return slab_parabolic(torch.from_numpy(np.asarray(thick, dtype=np.float64)), factor).float().numpy()
 
 
+def tv_slabs(thick: np.ndarray, factor: int, thin_spacing_kji) -> np.ndarray:
+    """The total-variation slab reconstruction (:func:`slab_tv.slab_tv`) of thick slices (n, H, W)
+    onto the grid that subdivides each slab into ``factor`` slices of ``thin_spacing_kji`` (mm), float32 HU."""
+    import torch
+
+    from ..slab_tv import slab_tv
+
+    return slab_tv(torch.from_numpy(np.asarray(thick, dtype=np.float64)), factor, thin_spacing_kji).float().numpy()
+
+
 # ------------------------------------------------------------------------------ anomaly detection
 def organ_deviation_map(hu: np.ndarray, labels: np.ndarray, region: str, smoothing_mm: float,
                         spacing_kji) -> np.ndarray:

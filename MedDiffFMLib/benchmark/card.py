@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .options import PARABOLIC, SECTION_TITLES
+from .options import PARABOLIC, SECTION_TITLES, SLAB_TV
 from .report import format_markdown, write_text_atomic
 from .rows import find_row
 
@@ -165,9 +165,11 @@ def _superres(result) -> list[Verdict]:
         factor = c.split()[0]
         gap = None if m is None or cubic is None else m - cubic
         parabolic = _mean(result, "superres", c, PARABOLIC, "psnr_db")
+        tv = _mean(result, "superres", c, SLAB_TV, "psnr_db")
         weight = _mean(result, "superres", c, model, "model_weight")
-        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt_against(gap, gain_ok, 2)}; parabolic "
-                     f"slabs alone {_fmt(parabolic)} dB, model detail weight {_fmt(weight)})")
+        parts.append(f"{factor}: {_fmt(m)} vs cubic {_fmt(cubic)} dB ({_fmt_against(gap, gain_ok, 2)}; classical "
+                     f"slabs alone: total-variation {_fmt(tv)} dB, parabolic {_fmt(parabolic)} dB; model detail weight "
+                     f"{_fmt(weight)})")
         flags.append(None if gap is None else gain_ok(gap))
         err = _mean(result, "superres", c, model, "slab_max_error_hu")
         slab.append(f"{factor}: {_fmt_against(err, exact, 2)} HU")

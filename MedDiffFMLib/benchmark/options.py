@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 SECTIONS = ("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")
-PARABOLIC = "parabolic slabs (PPM)"  # the classical super-resolution baseline the task itself builds on
+PARABOLIC = "parabolic slabs (PPM)"  # the one-dimensional slab reconstruction the TV one starts from
+SLAB_TV = "total-variation slabs"  # the classical super-resolution baseline the task itself builds on
 SECTION_TITLES = {"denoise": "Denoising", "anomaly": "Anomaly detection", "synthesis": "Synthesis from anatomy",
                   "superres": "Super-resolution", "inpaint": "Inpainting", "lesion": "Lesion generation"}
 SECTION_ALIASES = {"denoise": "denoise", "denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis",

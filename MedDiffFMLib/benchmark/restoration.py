@@ -11,7 +11,7 @@ from ..geometry import regrid
 from ..volume import Volume
 from . import baselines
 from .cases import case_region, make_case, superres_grid, tuning_seed, clinical_grid
-from .options import NLM_H_FACTOR, NLM_PATCH_DISTANCE, NLM_PATCH_SIZE, PARABOLIC, SUPERRES_THIN_MM
+from .options import NLM_H_FACTOR, NLM_PATCH_DISTANCE, NLM_PATCH_SIZE, PARABOLIC, SLAB_TV, SUPERRES_THIN_MM
 from .task_facts import primary_volume, superres_factor_param
 
 CAPTIONS = {
@@ -163,6 +163,8 @@ def run_superres(ctx, family: str) -> None:
                                                               order), time.monotonic() - t0))
             t0 = time.monotonic()
             outputs.append((PARABOLIC, baselines.parabolic_slabs(thick, factor), time.monotonic() - t0))
+            t0 = time.monotonic()
+            outputs.append((SLAB_TV, baselines.tv_slabs(thick, factor, spacing), time.monotonic() - t0))
             weights = {"model_weight": res.scores["model_weight"]} if "model_weight" in res.scores else {}
             for method, img, seconds in outputs:
                 max_err, rms_err = metrics.slab_mean_error(img, thick, factor, thick_inside)
