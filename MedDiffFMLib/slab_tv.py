@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .conditions import slab_parabolic
-from .progress import Cancelled
+from .progress import Cancelled, Progress, ProgressCallback
 
 SMOOTH_HU = 10.0  # Charbonnier scale: below about this gradient (HU per mm) the penalty is quadratic
 ITERATIONS = 100
@@ -72,7 +72,7 @@ def _tile_correction(base: torch.Tensor, factor: int, spacing_kji, smooth_hu: fl
 
 def slab_tv(thick: torch.Tensor, factor: int, spacing_kji: Sequence[float], *, smooth_hu: float = SMOOTH_HU,
             iterations: int = ITERATIONS, step_hu: float = STEP_HU, tile: int = TILE, halo: int = HALO,
-            cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+            progress: Optional[ProgressCallback] = None, cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Thin slices from thick ones, every slab mean exact, with the least smoothed 3D total variation
     reachable in ``iterations`` steps from the parabolic reconstruction.
 
@@ -80,6 +80,7 @@ def slab_tv(thick: torch.Tensor, factor: int, spacing_kji: Sequence[float], *, s
         thick: (n, H, W) float tensor, HU.
         factor: thin slices per thick one.
         spacing_kji: the thin grid's spacing (mm), slice axis first.
+        progress: told after each tile (stage "slab reconstruction").
         cancel: called between tiles; True stops with :class:`progress.Cancelled`.
     Returns:
         (n * factor, H, W) float64 tensor on the same device as ``thick``.
@@ -88,12 +89,14 @@ def slab_tv(thick: torch.Tensor, factor: int, spacing_kji: Sequence[float], *, s
     base = slab_parabolic(thick, f)
     out = base.clone()
     H, W = base.shape[1:]
-    for j0 in range(0, H, tile):
-        for i0 in range(0, W, tile):
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled")
-            ja, jb, ia, ib = max(0, j0 - halo), min(H, j0 + tile + halo), max(0, i0 - halo), min(W, i0 + tile + halo)
-            corr = _tile_correction(base[:, ja:jb, ia:ib].float(), f, spacing_kji, smooth_hu, iterations, step_hu)
-            jn, in_ = min(tile, H - j0), min(tile, W - i0)
-            out[:, j0:j0 + jn, i0:i0 + in_] += corr[:, j0 - ja:j0 - ja + jn, i0 - ia:i0 - ia + in_].double()
+    tiles = [(j0, i0) for j0 in range(0, H, tile) for i0 in range(0, W, tile)]
+    for done, (j0, i0) in enumerate(tiles, 1):
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        ja, jb, ia, ib = max(0, j0 - halo), min(H, j0 + tile + halo), max(0, i0 - halo), min(W, i0 + tile + halo)
+        corr = _tile_correction(base[:, ja:jb, ia:ib].float(), f, spacing_kji, smooth_hu, iterations, step_hu)
+        jn, in_ = min(tile, H - j0), min(tile, W - i0)
+        out[:, j0:j0 + jn, i0:i0 + in_] += corr[:, j0 - ja:j0 - ja + jn, i0 - ia:i0 - ia + in_].double()
+        if progress is not None:
+            progress(Progress(done, len(tiles), stage="slab reconstruction", fraction=done / len(tiles)))
     return out

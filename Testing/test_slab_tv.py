@@ -77,3 +77,11 @@ def test_slab_tv_stops_when_cancelled():
     with pytest.raises(Cancelled):
         slab_tv(torch.zeros(2, 4, 4, dtype=torch.float64), 2, SPACING, cancel=cancel)
     assert calls == [1]
+
+
+def test_slab_tv_reports_each_tile():
+    reports = []
+    slab_tv(torch.zeros(2, 7, 5, dtype=torch.float64), 2, SPACING, iterations=2, tile=4, halo=1,
+            progress=reports.append)
+    assert [(p.step, p.total_steps) for p in reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert reports[-1].fraction == 1.0 and reports[0].stage == "slab reconstruction"

@@ -43,6 +43,9 @@ from .common import (Models, anatomy_groups, check_grid, coord_range, region_ind
                      unknown_message)
 
 
+TV_SHARE = 0.05  # the classical reconstruction's share of a model pass's progress (its real cost varies by device)
+
+
 @dataclass
 class Plan:
     image: Volume
@@ -117,12 +120,12 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
     import torch
 
     from ..conditions import slab_reconstruct, superres_condition
-    from ..sampling import Condition, partial_diffusion
+    from ..sampling import Condition, partial_diffusion, split_progress
     from ..slab_tv import slab_tv
 
     f = plan.factor
     lo, hi = preprocessing.window_bounds(plan.region)
-    base_hu = slab_tv(thick_hu, f, spacing, cancel=cancel)
+    base_hu = slab_tv(thick_hu, f, spacing, progress=split_progress(progress, 0.0, TV_SHARE), cancel=cancel)
     shape = tuple(base_hu.shape)
     full_k = plan.image.shape[0] * f if box_k is None else box_k[1]
     k0 = 0 if box_k is None else box_k[0]
@@ -135,7 +138,7 @@ def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int
     opts = sampler.options
     x = partial_diffusion(sampler.denoiser(cond, shape), sampler.schedule, _to_unit(base_hu, lo, hi).float(),
                           plan.t_start, opts.steps, gen=gen, eta=opts.step_eta, clip_x0=opts.clip_x0,
-                          progress=progress, cancel=cancel, stage="super-resolution")
+                          progress=split_progress(progress, TV_SHARE, 1.0), cancel=cancel, stage="super-resolution")
     model_hu = lo + (x.double() + 1.0) / 2.0 * (hi - lo)
     outside = (base_hu < lo) | (base_hu > hi)  # clipped in model units: nothing to add there
     return base_hu, _detail(torch.where(outside, base_hu, model_hu), base_hu, f)
@@ -175,7 +178,7 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
                                       sampler.generator(), main_progress, cancel)
         out = base_hu + weight * detail
     else:  # the check kept none of the model's detail: the main pass would be thrown away
-        out = slab_tv(thick, f, (sp[0] / f, sp[1], sp[2]), cancel=cancel)
+        out = slab_tv(thick, f, (sp[0] / f, sp[1], sp[2]), progress=main_progress, cancel=cancel)
         if progress is not None:
             progress(Progress(1, 1, stage="super-resolution (the check kept no model detail)", fraction=1.0, eta_s=0.0))
     out32 = out.float().cpu().numpy()
