@@ -30,7 +30,8 @@ PRECISION=${PRECISION:-$(python -c "from MedDiffFMLib.threads import cpu_has_nat
 #    5,419 and 5,374 steps) averaged into demo-2.6, then two from demo-2.6 (seeds 17 and 18, 85
 #    minutes in two sittings of 40 and 45: 5,519 and 5,551 steps) averaged into demo-2.7, then two
 #    from demo-2.7 (seeds 19 and 20, 85 minutes in two sittings of 40 and 45: 4,705 and 4,650
-#    steps) averaged into demo-2.8.)
+#    steps) averaged into demo-2.8. Two more from demo-2.8 (seeds 21 and 22, 5,050 and 4,990
+#    steps) were not shipped: no better on every held-out target metric; see the model card.)
 BASE_SEED=${BASE_SEED:-19}
 base_models=()
 for seed in $BASE_SEED $((BASE_SEED + 1)); do
