@@ -35,7 +35,8 @@ def test_slab_tv_lowers_the_total_variation_and_the_error_on_a_ball_and_a_thin_o
     k, j, i = _grid((40, 24, 24))
     radius = ((k - 20) ** 2 + ((j - 12) * 0.8) ** 2 + ((i - 12) * 0.8) ** 2).sqrt()
     depth = k - 0.28 * j - 0.16 * i - 14
-    for truth, share in ((torch.where(radius < 7, 100.0, 0.0), 0.95), (torch.where(depth.abs() < 1.0, 300.0, 0.0), 0.99)):
+    ball, plate = torch.where(radius < 7, 100.0, 0.0), torch.where(depth.abs() < 1.0, 300.0, 0.0)
+    for truth, share in ((ball, 0.95), (plate, 0.99)):
         thick = slab_means(truth, f)
         tv, parabolic = slab_tv(thick, f, SPACING), slab_parabolic(thick, f)
         assert (smoothed_total_variation(tv.float(), SPACING, 10.0)

@@ -191,9 +191,7 @@ def test_cancel_stops_promptly(tiny_model_dir, tiny_controlnet_dirs, task_phanto
     with pytest.raises(Cancelled):
         run(task, req, tiny_model_dir, tiny_controlnet_dirs, progress=rec, cancel=rec.cancel)
     assert len(rec.fractions) == 1
-    # a full run makes at least 2 steps x 2 windows; super-resolution first reports its classical
-    # reconstruction, so it stops before any network call
-    assert len(network_calls) <= 2 and (task == "superres" or len(network_calls) >= 1)
+    assert len(network_calls) <= 2 and (task == "superres" or len(network_calls) >= 1)  # superres: maybe in its slabs
     assert np.array_equal(req.image.array, copy) and req.image.array.flags.writeable
 
 
