@@ -20,7 +20,9 @@ Measured over 3 cases per family and factors 3 and 5 (training family: 14-29 dB,
 600000 + 10 i; held-out family: seeds 700000 + 10 i, not the benchmark's), the defaults gain
 over the parabolic reconstruction on every case: training family +0.35 dB (3x) and +0.39 dB
 (5x) on the mean, held-out family +0.46 and +0.61 dB, and with 15 HU of noise on the thick
-slices still +0.15 and +0.18 dB.
+slices still +0.15 and +0.18 dB. It is not better on every shape: on synthetic 4x cases a ball
+and a thin oblique plate gain (error norm -8 % and -2 %), a flat oblique step and an oblique
+tube lose about 3 %.
 """
 
 from __future__ import annotations

@@ -92,8 +92,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     if params["self_check"] and not self_check:
         messages.append(f"self-check impossible ({image.shape[0]} slices are fewer than two slabs of {factor}): "
                         "the result is the classical (total-variation) slab reconstruction; turn self_check off to "
-                        "keep the model's "
-                        "detail unchecked")
+                        "keep the model's detail unchecked")
     t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
     return Plan(image, region, int(factor), out_matrix, tuple(out_shape), groups_out, groups_in, self_check, t_start,
                 interpolation, params, messages)
