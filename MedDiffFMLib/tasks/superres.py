@@ -105,12 +105,10 @@ def _to_unit(hu, lo: float, hi: float):
 def _detail(model_hu, base_hu, factor: int):
     """The model's departure from the base with each slab's mean removed (so adding it keeps
     slab means)."""
-    from ..conditions import slab_means
+    from ..slab_tv import zero_slab_means
 
     d = (model_hu - base_hu).double()
-    n = d.shape[0] // factor
-    d = d[: n * factor]
-    return d - slab_means(d, factor).repeat_interleave(factor, dim=0)
+    return zero_slab_means(d[: d.shape[0] // factor * factor], factor)
 
 
 def _model_pass(sampler, plan: Plan, thick_hu, spacing, groups, box_k: tuple[int, int], gen, progress, cancel):
