@@ -228,3 +228,29 @@ def test_task_options_come_from_the_registry():
                 assert f"{ps.maximum:g}" in action.help, (name, param, action.help)
             if ps.length:
                 assert action.nargs == ps.length
+
+
+def test_a_stop_signal_that_native_code_turns_into_another_error_is_reported_as_the_stop(capsys):
+    """A weights reader interrupted by SIGHUP raised its own ValueError ("corrupt or
+    unreadable"): the run must still say it was interrupted and exit 129, not blame the file."""
+    import os
+    import signal
+    import time
+
+    from MedDiffFMLib.cli import errors
+
+    def reader():
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+        except KeyboardInterrupt as e:
+            raise ValueError("could not determine the shape of object type 'UntypedStorage'") from e
+
+    with errors.stop_signals():
+        with pytest.raises(ValueError) as caught:
+            reader()
+        code = errors.report(caught.value)
+    assert code == 128 + int(signal.SIGHUP)
+    assert "interrupted: nothing written" in capsys.readouterr().err
+    with errors.stop_signals():  # a fresh run starts without the old signal
+        assert errors.report(ValueError("bad spacing")) == errors.EXIT_BAD_INPUT

@@ -52,7 +52,7 @@ class _SignalState:
     """What the handlers do: raise once, or (once outputs are in place) only remember."""
 
     def __init__(self) -> None:
-        self.raised = False
+        self.raised: int | None = None  # the signal the handler raised Interrupted for
         self.held = False
         self.pending: int | None = None
 
@@ -61,12 +61,12 @@ _STATE = _SignalState()
 
 
 def _handler(signum, frame) -> None:
-    if _STATE.held or _STATE.raised:
+    if _STATE.held or _STATE.raised is not None:
         # Outputs are being (or have been) moved into place, or cleanup is already running:
         # finish that rather than leave half of it.
         _STATE.pending = _STATE.pending or signum
         return
-    _STATE.raised = True
+    _STATE.raised = signum
     raise Interrupted(signum)
 
 
@@ -119,7 +119,14 @@ def _say(text: str) -> None:
 
 
 def report(error: BaseException, verbose: bool = False) -> int:
-    """Print ``error`` as one line and return the exit code it stands for."""
+    """Print ``error`` as one line and return the exit code it stands for.
+
+    A failure that follows a stop signal is reported as the stop: native code (a weights
+    reader, for one) may turn the :class:`Interrupted` raised inside it into an error of
+    its own, which would otherwise blame the input.
+    """
+    if _STATE.raised is not None and not isinstance(error, KeyboardInterrupt):
+        error = Interrupted(_STATE.raised)
     if isinstance(error, Interrupted):
         _say("\ninterrupted: nothing written")
         return error.exit_code
