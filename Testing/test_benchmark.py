@@ -219,7 +219,7 @@ def test_organ_deviation_map_finds_a_lesion_and_the_volume_score_ranks_it():
     assert (mask & truth).sum() == truth.sum() and metrics.dice(mask, truth) > 0.3
     clean_map = baselines.zscore_by_tissue(baselines.organ_deviation_map(healthy, labels, "abdomen", 1.0, (1, 1, 1)),
                                            labels, {5: "liver"})
-    assert anomaly.volume_score(amap, body) > anomaly.volume_score(clean_map, body)
+    assert anomaly.volume_score(amap, body, (1, 1, 1)) > anomaly.volume_score(clean_map, body, (1, 1, 1))
     # a component smaller than the smallest size kept is dropped
     from scipy import ndimage
 

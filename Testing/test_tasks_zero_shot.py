@@ -175,7 +175,8 @@ def test_anomaly_mask_follows_the_map(tiny_model_dir, task_phantom):
     a lower threshold flags a superset, and every flagged voxel is above the threshold."""
     masks = {}
     for threshold in (0.5, 2.0):
-        req = request_for("anomaly", task_phantom, {"threshold": threshold, "min_size_mm3": 0.0})
+        # the random model's map, uncapped by the organ check, reaches both thresholds
+        req = request_for("anomaly", task_phantom, {"threshold": threshold, "min_size_mm3": 0.0, "organ_check": False})
         res = run_task("anomaly", req, tiny_model_dir, device="cpu")
         amap, mask = res.volumes["anomaly_map"].array, res.segmentations["anomaly"].array
         assert np.all(amap >= 0) and mask.dtype == bool
@@ -374,3 +375,26 @@ def test_group_zscore_normalises_each_tissue_on_its_own():
     # in the quiet tissue the outlier stands out; in the noisy one it is ordinary
     assert z[4, 4, 3] > 10 and z[4, 4, 12] < z[4, 4, 3] / 4
     assert np.median(z[groups == 1]) == pytest.approx(0.0, abs=0.01)  # half the tissue sits at or below its median
+
+
+def test_anomaly_organ_check_caps_the_map_by_the_organ_deviation(tiny_model_dir, task_phantom):
+    """With labels, the map is the model's z-map capped by the z-map of each voxel's deviation from
+    its label's median (same seed: the minimum of the uncapped map and that one); without, no change."""
+    from MedDiffFMLib.tasks import anomaly, check_params
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    maps = {}
+    for labels in (True, False):
+        for check in (True, False):
+            req = request_for("anomaly", task_phantom, {"organ_check": check}, anatomy=labels)
+            maps[labels, check] = run_task("anomaly", req, tiny_model_dir, device="cpu").volumes["anomaly_map"].array
+    params = check_params("anomaly", request_for("anomaly", task_phantom).params)
+    plan = anomaly.prepare(request_for("anomaly", task_phantom), params, Models.resolve(TASKS["anomaly"], tiny_model_dir))
+    scored = plan.body & ~preprocessing.outside_window(plan.image.array, plan.region)
+    deviation = anomaly.organ_deviation(plan.unit, plan.labels, plan.body, params["smoothing_mm"],
+                                        plan.image.spacing_kji)
+    organ_z = anomaly.group_zscore(deviation, plan.groups, scored)
+    np.testing.assert_allclose(maps[True, True], np.minimum(maps[True, False], organ_z), atol=1e-5)
+    assert (maps[True, True] < maps[True, False] - 0.1).any() and (maps[True, True] > 0).any()
+    np.testing.assert_array_equal(maps[False, True], maps[False, False])

@@ -126,17 +126,10 @@ def organ_deviation_map(hu: np.ndarray, labels: np.ndarray, region: str, smoothi
                         spacing_kji) -> np.ndarray:
     """|u - median of u over the voxel's label| in window units ([-1, 1]), Gaussian-smoothed by
     ``smoothing_mm``, zero outside the body (labels > 0)."""
-    u = preprocessing.hu_to_unit(hu, region).astype(np.float64)
-    labels = np.asarray(labels).astype(np.int64)
-    body = labels > 0
-    values = np.unique(labels[body])
-    median = np.zeros(int(labels.max()) + 1 if labels.size else 1)
-    if values.size:
-        median[values] = ndimage.median(u, labels=labels, index=values)
-    deviation = np.where(body, np.abs(u - median[labels]), 0.0)
-    if smoothing_mm > 0:
-        deviation = ndimage.gaussian_filter(deviation, [smoothing_mm / float(s) for s in spacing_kji])
-    return np.where(body, deviation, 0.0).astype(np.float32)
+    from ..tasks.anomaly import organ_deviation
+
+    labels = np.asarray(labels)
+    return organ_deviation(preprocessing.hu_to_unit(hu, region), labels, labels > 0, smoothing_mm, spacing_kji)
 
 
 def zscore_by_tissue(amap: np.ndarray, labels: np.ndarray, label_names) -> np.ndarray:

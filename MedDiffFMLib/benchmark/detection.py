@@ -16,10 +16,11 @@ CAPTIONS = {
         f"Each case twice: with {ANOMALY_LESIONS} lesions (3-30 mm, hypo- or hyperdense, round or irregular) and "
         f"without, same anatomy, both with {BACKGROUND_NOISE_HU:g} HU of the family's noise. Model: partial diffusion "
         "and reconstruction, with the phantom's label map as the anatomy condition (as a TotalSegmentator result "
-        "would be) and without one. Baseline: |HU - median HU of the voxel's label| in window units, smoothed by "
+        "would be) and without one; with the labels, the model's map is capped by the z-score of the deviation from "
+        "the organ's median (the task's organ check), so it flags only what both call anomalous. Baseline: |HU - median HU of the voxel's label| in window units, smoothed by "
         "1.5 mm, robust z-score per anatomy group, mask = z > 4 (it needs the labels). Voxel AUROC and Dice inside "
         "the body of lesion cases; volume AUROC over lesion (positive) and healthy (negative) volumes with one "
-        "score rule for every method (the 0.999 quantile of its map in the body); flagged = mask volume on healthy "
+        "score rule for every method (the maximum in the body of its map smoothed at 3 mm); flagged = mask volume on healthy "
         "cases (lower is better)."),
 }
 BASELINE_SMOOTHING_MM = 1.5
@@ -73,7 +74,7 @@ def run_anomaly(ctx, family: str) -> None:
             truth.append(with_lesions)
             condition = "lesion cases" if with_lesions else "healthy cases"
             for method, (amap, mask, seconds) in maps.items():
-                volume_scores[method].append(anomaly.volume_score(amap, body))
+                volume_scores[method].append(anomaly.volume_score(amap, body, case.spacing_kji))
                 if with_lesions:
                     ctx.add(family, "anomaly", condition, method, case.name,
                             voxel_auroc=_safe_auroc(amap[body], case.lesion_mask[body]),

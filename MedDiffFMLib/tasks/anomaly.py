@@ -16,8 +16,10 @@ of T, so the map has the input's resolution.
 The anomaly map is the absolute value of the smoothed difference, over the voxels inside the
 intensity window, as a robust z-score *per tissue group* (the whole body when no anatomy is given):
 tissues whose content is inherently unpredictable (bowel gas, enhancing vessels) then stop
-dominating the map. The volume score is a high quantile of the map in the body; the mask is
-the map above a z threshold.
+dominating the map. With an anatomy label map, the map is also capped by the z-score of each
+voxel's deviation from its organ's median (``organ_check``): a lesion is unlike its organ, while
+most of what the model misreproduces of unfamiliar healthy anatomy is not. The volume score is the
+maximum of the map smoothed at 3 mm in the body; the mask is the map above a z threshold.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from scipy import ndimage
 from .. import preprocessing
 from ..volume import Volume
 from .base import TaskRequest, TaskResult
-from .common import (Models, anatomy_groups, region_index, require_image, resolve_region, unknown_message,
+from .common import (Models, anatomy_on_grid, region_index, require_image, resolve_region, unknown_message,
                      voxel_volume_ml)
 
 
@@ -56,6 +58,29 @@ def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray) -> np
     return np.maximum(z, 0.0)
 
 
+def organ_deviation(unit: np.ndarray, classes: np.ndarray, inside: np.ndarray, smoothing_mm: float,
+                    spacing_kji) -> np.ndarray:
+    """|u - median of u over the voxel's class|, Gaussian-smoothed, zero outside ``inside``.
+
+    Args:
+        unit: (D, H, W) image in window units ([-1, 1]).
+        classes: (D, H, W) integer class per voxel (an anatomy label map; 0 is a class too).
+        inside: (D, H, W) bool: the voxels whose classes' medians are taken and that get a value.
+        smoothing_mm: Gaussian sigma in mm (0: none).
+        spacing_kji: voxel size in mm, (k, j, i).
+    """
+    u = np.asarray(unit, dtype=np.float64)
+    classes = np.asarray(classes).astype(np.int64)
+    values = np.unique(classes[inside])
+    median = np.zeros(int(classes.max()) + 1 if classes.size else 1)
+    if values.size:
+        median[values] = ndimage.median(u, labels=np.where(inside, classes, -1), index=values)
+    deviation = np.where(inside, np.abs(u - median[np.maximum(classes, 0)]), 0.0)
+    if smoothing_mm > 0:
+        deviation = ndimage.gaussian_filter(deviation, [smoothing_mm / float(s) for s in spacing_kji])
+    return np.where(inside, deviation, 0.0).astype(np.float32)
+
+
 def anomaly_mask(amap: np.ndarray, body: np.ndarray, threshold: float, min_voxels: int) -> np.ndarray:
     """(D, H, W) bool: the map above ``threshold`` inside ``body``, without connected components
     (face-connected) of fewer than ``min_voxels`` voxels."""
@@ -67,10 +92,24 @@ def anomaly_mask(amap: np.ndarray, body: np.ndarray, threshold: float, min_voxel
     return mask
 
 
-def volume_score(amap: np.ndarray, body: np.ndarray) -> float:
-    """A volume's anomaly score: the 0.999 quantile of the map inside the body."""
-    inside = np.asarray(amap)[body] if body.any() else np.asarray(amap).ravel()
-    return float(np.quantile(inside, 0.999)) if inside.size else 0.0
+VOLUME_SCORE_SIGMA_MM = 3.0
+
+
+def volume_score(amap: np.ndarray, body: np.ndarray, spacing_kji) -> float:
+    """A volume's anomaly score: the maximum inside the body of the map smoothed by a
+    ``VOLUME_SCORE_SIGMA_MM`` Gaussian, i.e. the strongest compact region of about half a
+    millilitre, whatever the body's size (a high quantile of the map would count a fixed
+    fraction of the body instead, more than a small lesion in a large one).
+
+    Args:
+        amap: (D, H, W) anomaly map.
+        body: (D, H, W) bool: where the score is taken (everywhere when empty).
+        spacing_kji: voxel size in mm, (k, j, i).
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(amap, dtype=np.float32),
+                                     [VOLUME_SCORE_SIGMA_MM / float(s) for s in spacing_kji])
+    inside = smooth[body] if body.any() else smooth.ravel()
+    return float(inside.max()) if inside.size else 0.0
 
 
 def min_voxels(min_size_mm3: float, voxel_ml: float) -> int:
@@ -85,6 +124,7 @@ class Plan:
     unit: np.ndarray
     body: np.ndarray
     groups: Optional[np.ndarray]
+    labels: Optional[np.ndarray]
     t_start: int
     params: dict
     messages: list
@@ -93,7 +133,7 @@ class Plan:
 def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
-    groups, unknown = anatomy_groups(request, image.shape, image.ijk_to_ras)
+    labels, groups, unknown = anatomy_on_grid(request, image.shape, image.ijk_to_ras)
     if not (np.asarray(image.array) > -500.0).any() and (groups is None or not (groups > 0).any()):
         raise ValueError("no body found in the image (nothing above -500 HU): anomaly detection needs a patient")
     # The patient with the lungs: just above air, on a lightly smoothed copy (at -500 HU a lung
@@ -105,7 +145,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
         body |= groups > 0
     t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
     unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
-    return Plan(image, region, unit, body, groups, t_start, params, unknown_message(unknown))
+    return Plan(image, region, unit, body, groups, labels, t_start, params, unknown_message(unknown))
 
 
 def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
@@ -139,9 +179,17 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     diff = np.abs(diff)
     tissue = plan.groups if plan.groups is not None else np.ones(image.shape, dtype=np.int8)
     scored = plan.body & ~keep
-    amap = group_zscore(diff, tissue, scored if scored.any() else plan.body)
+    scored = scored if scored.any() else plan.body
+    amap = group_zscore(diff, tissue, scored)
+    if plan.labels is not None and p["organ_check"]:
+        # A lesion is both unlike its organ and not reproduced by the model; healthy anatomy the
+        # model misreproduces is rarely unlike its organ too, so only what both maps flag is kept
+        # (6 held-out cases outside the benchmark's: flagged on healthy volumes 29.5 -> 17.7 ml,
+        # voxel AUROC 0.890 -> 0.926; 4 training-family cases: 3.1 -> 0.4 ml, 0.854 -> 0.901).
+        deviation = organ_deviation(plan.unit, plan.labels, plan.body, p["smoothing_mm"], image.spacing_kji)
+        amap = np.minimum(amap, group_zscore(deviation, tissue, scored))
     mask = anomaly_mask(amap, scored, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)))
-    score = volume_score(amap, plan.body)
+    score = volume_score(amap, plan.body, image.spacing_kji)
     # the reconstruction in HU; outside the window the model has nothing to say: the input
     recon_hu = np.where(keep, image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
     m = image.ijk_to_ras

@@ -213,11 +213,19 @@ def on_grid(vol: Volume, shape, ijk_to_ras, order: int = 0) -> np.ndarray:
 
 def anatomy_groups(request: TaskRequest, shape, ijk_to_ras) -> tuple[Optional[np.ndarray], list[str]]:
     """The anatomy label map as an int8 group map on a grid, and the class names not understood."""
-    if request.anatomy is None:
-        return None, []
-    lab = check_label_volume(request.anatomy, "anatomy label map")
-    groups, unknown = anatomy.group_map(on_grid(lab, shape, ijk_to_ras, order=0), request.anatomy_names)
+    _, groups, unknown = anatomy_on_grid(request, shape, ijk_to_ras)
     return groups, unknown
+
+
+def anatomy_on_grid(request: TaskRequest, shape,
+                    ijk_to_ras) -> tuple[Optional[np.ndarray], Optional[np.ndarray], list[str]]:
+    """(label map, int8 group map, class names not understood) on a grid; (None, None, []) without one."""
+    if request.anatomy is None:
+        return None, None, []
+    lab = check_label_volume(request.anatomy, "anatomy label map")
+    labels = np.asarray(on_grid(lab, shape, ijk_to_ras, order=0))
+    groups, unknown = anatomy.group_map(labels, request.anatomy_names)
+    return labels, groups, unknown
 
 
 def mask_on_image(request: TaskRequest, image: Volume, what: str = "mask") -> np.ndarray:

@@ -234,6 +234,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                                       minimum=1, maximum=16),
             smoothing_mm=ParamSpec(float, 2.0, "Gaussian smoothing (sigma) of the difference map",
                                    minimum=0.0, maximum=50.0, unit="mm"),
+            organ_check=ParamSpec(bool, True, "with an anatomy label map: flag only what also differs from its "
+                                              "organ's median HU (the map is capped by that deviation's z-score), "
+                                              "so healthy anatomy the model misreproduces is not flagged"),
             threshold=ParamSpec(float, 4.0, "anomaly-map threshold: robust z-score within the voxel's tissue group",
                                 minimum=0.0, exclusive_minimum=True, maximum=1000.0),
             min_size_mm3=ParamSpec(float, 20.0, "drop mask components smaller than this volume",
