@@ -16,12 +16,13 @@ CAPTIONS = {
         f"Each case twice: with {ANOMALY_LESIONS} lesions (3-30 mm, hypo- or hyperdense, round or irregular) and "
         f"without, same anatomy, both with {BACKGROUND_NOISE_HU:g} HU of the family's noise. Model: partial diffusion "
         "and reconstruction, with the phantom's label map as the anatomy condition (as a TotalSegmentator result "
-        "would be) and without one; with the labels, the model's map is capped by the z-score of the deviation from "
-        "the organ's median (the task's organ check), so it flags only what both call anomalous. Baseline: |HU - median HU of the voxel's label| in window units, smoothed by "
-        "1.5 mm, robust z-score per anatomy group, mask = z > 4 (it needs the labels). Voxel AUROC and Dice inside "
-        "the body of lesion cases; volume AUROC over lesion (positive) and healthy (negative) volumes with one "
-        "score rule for every method (the maximum in the body of its map smoothed at 3 mm); flagged = mask volume on healthy "
-        "cases (lower is better)."),
+        "would be) and without one. With the labels, the task caps the model's map by the z-score of each voxel's "
+        "deviation from its organ's median (its organ check), so it flags only what both call anomalous; the last "
+        "row is the model's own map, with labels and without that check. Baseline: |HU - median HU of the voxel's "
+        "label| in window units, smoothed by 1.5 mm, robust z-score per anatomy group, mask = z > 4 (it needs the "
+        "labels). Voxel AUROC and Dice inside the body of lesion cases; volume AUROC over lesion (positive) and "
+        "healthy (negative) volumes with one score rule for every method (the maximum in the body of its map "
+        "smoothed at 3 mm); flagged = mask volume on healthy cases (lower is better)."),
 }
 BASELINE_SMOOTHING_MM = 1.5
 
@@ -40,7 +41,9 @@ def run_anomaly(ctx, family: str) -> None:
     # the baseline's mask follows the model's rule (threshold, smallest component)
     defaults = {k: TASKS["anomaly"].params[k].default for k in ("threshold", "min_size_mm3")}
     opts = ctx.opts
-    methods = ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)")
+    methods = ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)",
+               "model, labels, no organ check")
+    model_runs = ((methods[0], True, {}), (methods[1], False, {}), (methods[3], True, {"organ_check": False}))
     volume_scores: dict[str, list[float]] = {m: [] for m in methods}
     truth: list[bool] = []
     for i in range(opts.cases):
@@ -56,11 +59,11 @@ def run_anomaly(ctx, family: str) -> None:
             body = case.body
             image = case.noisy(BACKGROUND_NOISE_HU, case.seed + (1 if with_lesions else 0))
             maps = {}
-            for method, anatomy in ((methods[0], True), (methods[1], False)):
+            for method, anatomy, extra in model_runs:
                 request = TaskRequest(image=case.volume(image), region=case.region,
                                       anatomy=case.label_volume() if anatomy else None,
                                       anatomy_names=case.label_names if anatomy else None,
-                                      params=ctx.params("anomaly"))
+                                      params=ctx.params("anomaly", **extra))
                 res, secs = ctx.run_model("anomaly", request)
                 maps[method] = (primary_volume("anomaly", res).array,
                                 np.asarray(primary_segmentation("anomaly", res).array, dtype=bool), secs)
