@@ -70,12 +70,12 @@ def organ_deviation(unit: np.ndarray, classes: np.ndarray, inside: np.ndarray, s
         spacing_kji: voxel size in mm, (k, j, i).
     """
     u = np.asarray(unit, dtype=np.float64)
-    classes = np.asarray(classes).astype(np.int64)
+    classes = np.asarray(classes).astype(np.int32, copy=False)  # label ids are small and non-negative
     values = np.unique(classes[inside])
     median = np.zeros(int(classes.max()) + 1 if classes.size else 1)
     if values.size:
         median[values] = ndimage.median(u, labels=np.where(inside, classes, -1), index=values)
-    deviation = np.where(inside, np.abs(u - median[np.maximum(classes, 0)]), 0.0)
+    deviation = np.where(inside, np.abs(u - median[classes]), 0.0)
     if smoothing_mm > 0:
         deviation = ndimage.gaussian_filter(deviation, [smoothing_mm / float(s) for s in spacing_kji])
     return np.where(inside, deviation, 0.0).astype(np.float32)
