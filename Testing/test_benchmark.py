@@ -37,7 +37,8 @@ def result(tiny_model_dir, tiny_controlnet_dirs):
 METHODS = {
     "denoise": ("noisy input", "Gaussian (tuned sigma)", "non-local means, true sigma",
                 "non-local means, estimated sigma", "model (DiffPIR)"),
-    "anomaly": ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)"),
+    "anomaly": ("model, with anatomy labels", "model, no labels", "organ-median deviation (labels)",
+                "model, labels, no organ check"),
     "superres": ("model (ControlNet)", "linear interpolation", "cubic interpolation", "parabolic slabs (PPM)",
                  "total-variation slabs"),
 }
