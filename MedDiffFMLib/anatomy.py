@@ -20,10 +20,12 @@ are expanded to channels by :func:`group_channels`.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # TotalSegmentator v2 "total" task: label index -> class name.
 _VERTEBRAE = ["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)] + [
@@ -75,6 +77,21 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "other_organ": (r"pancreas", r"thyroid_gland", r"urinary_bladder", r"prostate", r"gallbladder"),
 }
 GROUP_NAMES: tuple[str, ...] = tuple(GROUPS)
+# Typical HU per group on clinical CT at clinical voxel sizes (bone mixes cancellous and
+# cortical, body tissue fat and muscle), per contrast phase: the arterial phase is the late
+# arterial one, when the kidney's cortex and the pancreas enhance. Only a starting layout for
+# synthesis: the model sets the final intensities.
+CONTRAST_PHASES = ("native", "arterial", "portal_venous")
+_UNENHANCED_HU = {"outside": -1000.0, "body tissue": -50.0, "bone": 400.0, "lung": -850.0, "airway": -1000.0,
+                  "brain": 35.0}
+TYPICAL_HU: dict[str, dict[str, float]] = {
+    "native": {**_UNENHANCED_HU, "heart": 40.0, "vessel": 40.0, "liver": 60.0, "spleen": 50.0, "kidney": 30.0,
+               "gut": 20.0, "muscle": 50.0, "other_organ": 40.0},
+    "arterial": {**_UNENHANCED_HU, "heart": 250.0, "vessel": 300.0, "liver": 80.0, "spleen": 120.0,
+                 "kidney": 180.0, "gut": 40.0, "muscle": 55.0, "other_organ": 90.0},
+    "portal_venous": {**_UNENHANCED_HU, "heart": 150.0, "vessel": 160.0, "liver": 100.0, "spleen": 110.0,
+                      "kidney": 150.0, "gut": 30.0, "muscle": 55.0, "other_organ": 60.0},
+}
 BODY_NAMES = ("body", "body_trunc", "body_extremities", "skin", "subcutaneous_fat", "soft_tissue")
 # channels: one per group, one body channel, one "anatomy given" flag
 NUM_CHANNELS = len(GROUP_NAMES) + 2
@@ -88,6 +105,15 @@ def group_of(name: str) -> int | None:
         if any(re.fullmatch(p, name) for p in patterns):
             return 2 + g
     return None
+
+
+def typical_hu(groups: np.ndarray, phase: str = "portal_venous") -> np.ndarray:
+    """(k, j, i) float32 HU: each voxel of a group map at its group's :data:`TYPICAL_HU` in ``phase``."""
+    if phase not in TYPICAL_HU:
+        raise ValueError(f"unknown contrast phase {phase!r}; expected one of {', '.join(CONTRAST_PHASES)}")
+    table = TYPICAL_HU[phase]
+    lut = np.array([table["outside"], table["body tissue"]] + [table[g] for g in GROUP_NAMES], dtype=np.float32)
+    return lut[np.clip(np.asarray(groups, dtype=np.int64), 0, None)]
 
 
 def group_map(labels: np.ndarray, label_names: Mapping[int, str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -138,6 +164,8 @@ def group_channels(groups: torch.Tensor | None, shape: tuple[int, ...] | None = 
         (B, NUM_CHANNELS, D, H, W) float tensor: one-hot groups, body, and the "given" flag
         (all zeros for the null condition).
     """
+    import torch  # here, so that the task registry can read the phases without torch
+
     if groups is None:
         assert shape is not None
         return torch.zeros((shape[0], NUM_CHANNELS, *shape[1:]))

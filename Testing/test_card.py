@@ -88,6 +88,7 @@ def test_anomaly_synthesis_lesion_targets():
         for g, (m, ceiling) in {"bone": (0.9, 1.0), "lung": (0.5, 1.0)}.items():
             rows.add("heldout", "synthesis", g, "model", f"c{c}", threshold_dice=m)
             rows.add("heldout", "synthesis", g, "real phantom (ceiling)", f"c{c}", threshold_dice=ceiling)
+        rows.add("heldout", "synthesis", "bone", "model, phase not given", f"c{c}", threshold_dice=0.45)
         rows.add("heldout", "lesion", "generated in the mask", "model (lesion ControlNet)", f"c{c}",
                  abs_contrast_hu=40.0, threshold_dice=0.2)
         rows.add("heldout", "lesion", "the family's own lesions", "phantom lesions (each)", f"l{c}",
@@ -103,6 +104,8 @@ def test_anomaly_synthesis_lesion_targets():
     # groups outside the fields of view are said and left out; the lung (0.5 of 1.0) misses
     assert synthesis.met is False and "liver: not present" in synthesis.measured
     assert "lung: 0.50 / 1.00" in synthesis.measured
+    # the run without a contrast phase is shown beside the verdict, not judged
+    assert "(contrast phase not given: bone 0.45)" in synthesis.measured
     contrast = v[("lesion", "|contrast| within the range of the family's own lesions")]
     assert contrast.met is True and "20.0-60.0" in contrast.measured
     assert v[("lesion", "threshold Dice within the range of the family's own lesions")].met is False

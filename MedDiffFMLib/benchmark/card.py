@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .options import PARABOLIC, SECTION_TITLES, SLAB_TV
+from .options import PARABOLIC, SECTION_TITLES, SLAB_TV, UNPHASED_SYNTHESIS
 from .report import format_markdown, write_text_atomic
 from .rows import find_row
 
@@ -219,8 +219,16 @@ def _synthesis(result) -> list[Verdict]:
         n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
         parts.append(f"{g}: {m:.2f} / {c:.2f} = {_fmt_against(m / c, share_ok, 2)}" if c > 0 else f"{g}: ceiling 0")
         flags.append(c > 0 and share_ok(m / c))
+    # what a user gets without naming the phase, shown beside the verdict (not judged)
+    unphased = []
+    for g in SYNTHESIS_GROUPS:
+        m = _mean(result, "synthesis", g, UNPHASED_SYNTHESIS, "threshold_dice")
+        c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
+        if m is not None and c:
+            unphased.append(f"{g} {m / c:.2f}")
+    note = f" (contrast phase not given: {', '.join(unphased)})" if unphased else ""
     return [Verdict("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group",
-                    "; ".join(parts) + _cases_note(n), _all(flags))]
+                    "; ".join(parts) + _cases_note(n) + note, _all(flags))]
 
 
 def _inpaint(result) -> list[Verdict]:

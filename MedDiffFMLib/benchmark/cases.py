@@ -32,6 +32,7 @@ class Case:
         lesion_mask: (k, j, i) bool.
         ijk_to_ras: (4, 4) grid.
         seed: the phantom's seed (noise seeds derive from it).
+        phase: its contrast phase, one of :data:`~MedDiffFMLib.anatomy.CONTRAST_PHASES`.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Case:
     lesion_mask: np.ndarray
     ijk_to_ras: np.ndarray
     seed: int
+    phase: str
 
     @property
     def body(self) -> np.ndarray:
@@ -124,6 +126,10 @@ def superres_grid(region: str, seed: int, fov_mm: Sequence[float], factor: int):
     return clinical_grid(region, seed, fov_mm, slice_mm=thin, slices_multiple_of=factor)
 
 
+# the held-out family's own names for its contrast phases -> the library's
+HELDOUT_PHASES = {"native": "native", "arterial": "arterial", "portal": "portal_venous"}
+
+
 def make_case(family: str, region: str, seed: int, grid: tuple[np.ndarray, Sequence[int]], lesions: int = 0) -> Case:
     """The phantom of ``family`` for ``region`` and ``seed`` on ``grid``, noise-free."""
     matrix, shape = grid
@@ -133,7 +139,7 @@ def make_case(family: str, region: str, seed: int, grid: tuple[np.ndarray, Seque
 
         ph = make_heldout_case(region, seed, matrix, shape, lesions=lesions)
         return Case(name, family, region, ph.clean_hu, ph.labels, ph.label_names, ph.lesion_mask, ph.ijk_to_ras,
-                    seed)
+                    seed, HELDOUT_PHASES[ph.plan.phase])
     if family == "training":
         from ..phantoms import make_phantom
 
@@ -141,7 +147,7 @@ def make_case(family: str, region: str, seed: int, grid: tuple[np.ndarray, Seque
         ph = make_phantom(region, shape_kji=tuple(shape), spacing_kji=spacing, seed=seed, lesions=lesions,
                           noise_hu=0.0, ijk_to_ras=matrix)
         return Case(name, family, region, ph.clean_hu.astype(np.float32), ph.labels, dict(ph.label_names),
-                    ph.lesion_mask, np.asarray(ph.ijk_to_ras, dtype=np.float64), seed)
+                    ph.lesion_mask, np.asarray(ph.ijk_to_ras, dtype=np.float64), seed, ph.phase)
     raise ValueError(f"unknown phantom family {family!r}")
 
 

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 SECTIONS = ("denoise", "anomaly", "synthesis", "superres", "inpaint", "lesion")
 PARABOLIC = "parabolic slabs (PPM)"  # the one-dimensional slab reconstruction the TV one starts from
 SLAB_TV = "total-variation slabs"  # the classical super-resolution baseline the task itself builds on
+UNPHASED_SYNTHESIS = "model, phase not given"  # synthesis on the task's default contrast phase
 SECTION_TITLES = {"denoise": "Denoising", "anomaly": "Anomaly detection", "synthesis": "Synthesis from anatomy",
                   "superres": "Super-resolution", "inpaint": "Inpainting", "lesion": "Lesion generation"}
 SECTION_ALIASES = {"denoise": "denoise", "denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis",

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
+from ..anatomy import CONTRAST_PHASES
+
 __all__ = ["ParamSpec", "OutputSpec", "TaskSpec", "TASKS", "COMMON_PARAMS", "task_spec", "check_params"]
 
 
@@ -256,6 +258,11 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                                              "output's resolution"),
             refine_fraction=ParamSpec(float, 0.6, "fraction of T at which the refinement starts",
                                       minimum=0.0, exclusive_minimum=True, maximum=1.0),
+            layout_start=ParamSpec(float, 0.7, "with anatomy: start from the label map's layout (each tissue "
+                                               "group at its typical HU) noised to this fraction of T; 1 = from "
+                                               "pure noise", minimum=0.0, exclusive_minimum=True, maximum=1.0),
+            contrast_phase=ParamSpec(str, "portal_venous", "with anatomy: the contrast phase of that layout",
+                                     CONTRAST_PHASES),
             shape=ParamSpec(int, None, "(k, j, i) voxels when neither anatomy nor image gives the grid",
                             minimum=1, maximum=2048, length=3),
             spacing=ParamSpec(float, None, "(k, j, i) voxel size when neither anatomy nor image gives the grid",

@@ -1,0 +1,108 @@
+"""The anomaly task's own rules through ``run_task``: the mask, the body it scores, the
+per-tissue z-score and the organ check.
+
+A tiny random foundation model on the ``task_phantom`` fixture (an oblique, anisotropic grid),
+and small hand-made volumes: the maps mean nothing, the rules are what is checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedDiffFMLib import preprocessing
+from MedDiffFMLib.geometry import make_ijk_to_ras
+from MedDiffFMLib.tasks import TaskRequest, run_task
+from MedDiffFMLib.volume import Volume
+
+from task_requests import request_for
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_anomaly_mask_follows_the_map(tiny_model_dir, task_phantom):
+    """The mask is the map above the threshold (components below the minimum size dropped):
+    a lower threshold flags a superset, and every flagged voxel is above the threshold."""
+    masks = {}
+    for threshold in (0.5, 2.0):
+        # the random model's map, uncapped by the organ check, reaches both thresholds
+        req = request_for("anomaly", task_phantom, {"threshold": threshold, "min_size_mm3": 0.0, "organ_check": False})
+        res = run_task("anomaly", req, tiny_model_dir, device="cpu")
+        amap, mask = res.volumes["anomaly_map"].array, res.segmentations["anomaly"].array
+        assert np.all(amap >= 0) and mask.dtype == bool
+        # no size filter: exactly the map above the threshold (the map is 0 outside the body)
+        assert np.array_equal(mask, amap > threshold) and mask.any()
+        assert res.scores["anomalous_volume_ml"] == pytest.approx(mask.sum() * np.prod(req.image.spacing_kji) / 1e3)
+        masks[threshold] = mask
+    assert masks[2.0].sum() < masks[0.5].sum()
+    assert np.all(masks[0.5][masks[2.0]])
+
+
+def test_anomaly_scores_a_nodule_in_a_lung_cut_by_the_field_of_view(tiny_model_dir):
+    """A field of view inside the chest: the lung reaches every edge, so it is no hole of the
+    body; the nodule in it is still scored, and voxels the window clips (the lung, in a
+    soft-tissue window) are not."""
+    from MedDiffFMLib.tasks import anomaly
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    rng = np.random.default_rng(0)
+    hu = np.full((8, 24, 24), -850.0, np.float32)
+    hu[:, :6] = 40.0  # chest wall along one side
+    hu[3:6, 14:18, 10:14] = 30.0  # the nodule, well inside the lung
+    hu += rng.normal(0, 12, hu.shape).astype(np.float32)
+    image = Volume(hu, make_ijk_to_ras((2.0, 0.8, 0.8)))
+    params = {k: spec.default for k, spec in TASKS["anomaly"].params.items()}
+    models = Models.resolve(TASKS["anomaly"], tiny_model_dir)
+    plan = anomaly.prepare(TaskRequest(image=image, region="chest"), params, models)
+    nodule = np.zeros(hu.shape, bool)
+    nodule[3:6, 14:18, 10:14] = True
+    assert plan.body[nodule].all()
+    assert not preprocessing.estimate_body_mask(hu)[nodule].any()  # the -500 HU rule would lose it
+    # read in a soft-tissue window (an abdominal scan reaching the lung base), the lung is clipped
+    res = run_task("anomaly", TaskRequest(image=image, region="abdomen", params={"steps": 1, "reconstructions": 1}),
+                   tiny_model_dir, device="cpu")
+    amap = res.volumes["anomaly_map"].array
+    clipped = preprocessing.outside_window(hu, "abdomen")
+    assert clipped.any() and np.all(amap[clipped] == 0) and amap[~clipped].max() > 0
+
+
+def test_group_zscore_normalises_each_tissue_on_its_own():
+    from MedDiffFMLib.tasks.anomaly import group_zscore
+
+    rng = np.random.default_rng(0)
+    groups = np.zeros((8, 8, 16), np.int8)
+    groups[:, :, :8] = 1
+    groups[:, :, 8:] = 2
+    # tissue 2 is ten times noisier than tissue 1; an outlier of the same size sits in each
+    diff = np.where(groups == 1, 0.01, 0.1) * np.abs(rng.standard_normal(groups.shape)) + 0.1
+    diff[4, 4, 3] += 0.2
+    diff[4, 4, 12] += 0.2
+    z = group_zscore(diff.astype(np.float32), groups, np.ones(groups.shape, bool))
+    assert z.min() == 0.0
+    # in the quiet tissue the outlier stands out; in the noisy one it is ordinary
+    assert z[4, 4, 3] > 10 and z[4, 4, 12] < z[4, 4, 3] / 4
+    assert np.median(z[groups == 1]) == pytest.approx(0.0, abs=0.01)  # half the tissue sits at or below its median
+
+
+def test_anomaly_organ_check_caps_the_map_by_the_organ_deviation(tiny_model_dir, task_phantom):
+    """With labels, the map is the model's z-map capped by the z-map of each voxel's deviation from
+    its label's median (same seed: the minimum of the uncapped map and that one); without, no change."""
+    from MedDiffFMLib.tasks import anomaly, check_params
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    maps = {}
+    for labels in (True, False):
+        for check in (True, False):
+            req = request_for("anomaly", task_phantom, {"organ_check": check}, anatomy=labels)
+            maps[labels, check] = run_task("anomaly", req, tiny_model_dir, device="cpu").volumes["anomaly_map"].array
+    params = check_params("anomaly", request_for("anomaly", task_phantom).params)
+    plan = anomaly.prepare(request_for("anomaly", task_phantom), params, Models.resolve(TASKS["anomaly"], tiny_model_dir))
+    scored = plan.body & ~preprocessing.outside_window(plan.image.array, plan.region)
+    deviation = anomaly.organ_deviation(plan.unit, plan.labels, plan.body, params["smoothing_mm"],
+                                        plan.image.spacing_kji)
+    organ_z = anomaly.group_zscore(deviation, plan.groups, scored)
+    np.testing.assert_allclose(maps[True, True], np.minimum(maps[True, False], organ_z), atol=1e-5)
+    assert (maps[True, True] < maps[True, False] - 0.1).any() and (maps[True, True] > 0).any()
+    np.testing.assert_array_equal(maps[False, True], maps[False, False])
