@@ -78,12 +78,14 @@ _LABELS = {
     "Device": {"auto": "Auto (GPU if available)", "cuda": "GPU (CUDA)", "cpu": "CPU"},
     "Precision": {"auto": "Auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"},
     "InpaintContent": {"lesion": "Lesion", "healthy": "Healthy tissue"},
+    "ContrastPhase": {"native": "Native (no contrast)", "arterial": "Arterial", "portal_venous": "Portal venous"},
 }
 Task = _LabelledEnum("Task", {name: name for name in TASKS})
 Region = _LabelledEnum("Region", {name: name for name in _LABELS["Region"]})
 Device = _LabelledEnum("Device", {name: name for name in _LABELS["Device"]})
 Precision = _LabelledEnum("Precision", {c: c for c in taskoptions.field_choices("precision")})
 InpaintContent = _LabelledEnum("InpaintContent", {c: c for c in taskoptions.field_choices("inpaintContent")})
+ContrastPhase = _LabelledEnum("ContrastPhase", {c: c for c in taskoptions.field_choices("contrastPhase")})
 
 # Panel rows (label, editor) of each task option, shown only for the tasks that use it.
 OPTION_WIDGETS = {
@@ -92,6 +94,7 @@ OPTION_WIDGETS = {
     "noiseLevel": ("noiseLevelLabel", "noiseLevelSpinBox"),
     "noiseFraction": ("noiseFractionLabel", "noiseFractionSliderWidget"),
     "inpaintContent": ("inpaintContentLabel", "inpaintContentComboBox"),
+    "contrastPhase": ("contrastPhaseLabel", "contrastPhaseComboBox"),
     "seed": ("seedLabel", "seedSpinBox"),
     "windowSize": ("windowSizeLabel", "windowSizeSpinBox"),
     "overlap": ("overlapLabel", "overlapSliderWidget"),
@@ -171,6 +174,7 @@ class MedDiffFMParameterNode:
     noiseLevel: Annotated[float, WithinRange(*field_range("noiseLevel"))] = first_run_value("noiseLevel")
     noiseFraction: Annotated[float, WithinRange(*field_range("noiseFraction"))] = first_run_value("noiseFraction")
     inpaintContent: InpaintContent = InpaintContent(first_run_value("inpaintContent"))
+    contrastPhase: ContrastPhase = ContrastPhase(first_run_value("contrastPhase"))
     seed: Annotated[int, WithinRange(*field_range("seed"))] = first_run_value("seed")
     windowSize: Annotated[int, WithinRange(*field_range("windowSize"))] = first_run_value("windowSize")
     overlap: Annotated[float, WithinRange(*field_range("overlap"))] = first_run_value("overlap")

@@ -75,3 +75,4 @@ def test_parameter_node_first_run_values_and_ranges_come_from_the_registry(modul
     assert node.steps == denoise["steps"].default and node.batchSize == denoise["batch_size"].default
     assert {p.value for p in module.Precision} == set(denoise["precision"].choices)
     assert {c.value for c in module.InpaintContent} == set(TASKS["inpaint"].params["content"].choices)
+    assert {c.value for c in module.ContrastPhase} == set(TASKS["synthesize"].params["contrast_phase"].choices)

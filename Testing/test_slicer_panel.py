@@ -31,6 +31,12 @@ class Content(Enum):
     healthy = "healthy"
 
 
+class Phase(Enum):
+    native = "native"
+    arterial = "arterial"
+    portal_venous = "portal_venous"
+
+
 @dataclass
 class Panel:
     """Stands in for the parameter node wrapper: fields by name (enums where the panel has them)."""
@@ -41,6 +47,7 @@ class Panel:
     noiseLevel: float = 0.0
     noiseFraction: float = 0.0
     inpaintContent: Content = Content.lesion
+    contrastPhase: Phase = Phase.native
     seed: int = 0
     windowSize: int = 0
     overlap: float = 0.0
@@ -49,7 +56,8 @@ class Panel:
 
 
 def first_run_panel(scene) -> tuple[Panel, object]:
-    panel = Panel(**{f: taskoptions.first_run_value(f) for f in taskoptions.PANEL_FIELDS if f != "inpaintContent"})
+    panel = Panel(**{f: taskoptions.first_run_value(f) for f in taskoptions.PANEL_FIELDS
+                     if f not in ("inpaintContent", "contrastPhase")})
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedDiffFM")
     taskoptions.adopt_options(panel, node)
     return panel, node
@@ -82,6 +90,12 @@ def test_defaults_only_when_the_user_picks_another_task(app):
     panel.task = "inpaint"
     taskoptions.choose_task(panel, node)
     assert panel.inpaintContent is Content.lesion and panel.batchSize == TASKS["inpaint"].params["batch_size"].default
+    panel.task = "synthesize"
+    taskoptions.choose_task(panel, node)
+    assert panel.contrastPhase is Phase(TASKS["synthesize"].params["contrast_phase"].default)
+    assert taskoptions.parameters("synthesize", panel)["contrast_phase"] == "portal_venous"
+    panel.task = "inpaint"
+    taskoptions.choose_task(panel, node)
     # a saved and reloaded scene keeps the task its options belong to
     scene.SetSaveToXMLString(1)
     scene.Commit()

@@ -37,6 +37,7 @@ EXPECTED_CLASSES = {
     "noiseLevelLabel": "QLabel", "noiseLevelSpinBox": "QDoubleSpinBox",
     "noiseFractionLabel": "QLabel", "noiseFractionSliderWidget": "ctkSliderWidget",
     "inpaintContentLabel": "QLabel", "inpaintContentComboBox": "QComboBox",
+    "contrastPhaseLabel": "QLabel", "contrastPhaseComboBox": "QComboBox",
     "seedLabel": "QLabel", "seedSpinBox": "QSpinBox",
     "windowSizeLabel": "QLabel", "windowSizeSpinBox": "QSpinBox",
     "overlapLabel": "QLabel", "overlapSliderWidget": "ctkSliderWidget",
@@ -194,5 +195,5 @@ def test_option_rows_cover_the_task_parameter_fields():
     fields = parameter_fields()
     assert set(taskoptions.PANEL_FIELDS) <= set(fields)
     assert set(module_constant("OPTION_WIDGETS")) == set(taskoptions.PANEL_FIELDS)
-    assert {"task", "region", "device", "precision", "inpaintContent"} <= {
+    assert {"task", "region", "device", "precision", "inpaintContent", "contrastPhase"} <= {
         name for name, annotation in fields.items() if field_kind(annotation)[0] == "enum"}

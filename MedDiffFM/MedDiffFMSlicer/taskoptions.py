@@ -25,6 +25,7 @@ PANEL_FIELDS: dict[str, str] = {
     "noiseLevel": "noise_level",
     "noiseFraction": "noise_fraction",
     "inpaintContent": "content",
+    "contrastPhase": "contrast_phase",
     "seed": "seed",
     "windowSize": "window",
     "overlap": "overlap",
