@@ -106,3 +106,25 @@ def test_anomaly_organ_check_caps_the_map_by_the_organ_deviation(tiny_model_dir,
     np.testing.assert_allclose(maps[True, True], np.minimum(maps[True, False], organ_z), atol=1e-5)
     assert (maps[True, True] < maps[True, False] - 0.1).any() and (maps[True, True] > 0).any()
     np.testing.assert_array_equal(maps[False, True], maps[False, False])
+
+
+def test_group_zscore_divides_by_at_least_the_minimum_spread():
+    from MedDiffFMLib.tasks.anomaly import group_zscore
+
+    rng = np.random.default_rng(1)
+    groups = np.ones((6, 6, 6), np.int8)
+    diff = (0.001 * np.abs(rng.standard_normal(groups.shape)) + 0.01).astype(np.float32)  # a quiet tissue
+    diff[3, 3, 3] = 0.05
+    inside = np.ones(groups.shape, bool)
+    med = float(np.median(diff))
+    assert group_zscore(diff, groups, inside)[3, 3, 3] > 20  # divided by its own tiny spread
+    assert group_zscore(diff, groups, inside, min_spread=0.02)[3, 3, 3] == pytest.approx((0.05 - med) / 0.02, rel=1e-5)
+    # a spread above the minimum is the tissue's own
+    np.testing.assert_array_equal(group_zscore(diff * 100, groups, inside, 0.02), group_zscore(diff * 100, groups, inside))
+
+
+def test_anomaly_min_spread_only_lowers_the_map(tiny_model_dir, task_phantom):
+    maps = {spread: run_task("anomaly", request_for("anomaly", task_phantom, {"min_spread_hu": spread}),
+                             tiny_model_dir, device="cpu").volumes["anomaly_map"].array for spread in (0.0, 40.0)}
+    assert np.all(maps[40.0] <= maps[0.0] + 1e-6)
+    assert (maps[40.0] < maps[0.0] - 0.1).any()

@@ -239,6 +239,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
             organ_check=ParamSpec(bool, True, "with an anatomy label map: flag only what also differs from its "
                                               "organ's median HU (the map is capped by that deviation's z-score), "
                                               "so healthy anatomy the model misreproduces is not flagged"),
+            min_spread_hu=ParamSpec(float, 5.0, "the least spread (HU) of a tissue's differences that its z-score "
+                                                "divides by, so that errors of a few HU are never evidence",
+                                    minimum=0.0, maximum=100.0, unit="HU"),
             threshold=ParamSpec(float, 4.0, "anomaly-map threshold: robust z-score within the voxel's tissue group",
                                 minimum=0.0, exclusive_minimum=True, maximum=1000.0),
             min_size_mm3=ParamSpec(float, 20.0, "drop mask components smaller than this volume",
