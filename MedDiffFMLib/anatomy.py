@@ -107,7 +107,7 @@ def group_of(name: str) -> int | None:
     return None
 
 
-def typical_hu(groups: np.ndarray, phase: str = "portal_venous") -> np.ndarray:
+def typical_hu(groups: np.ndarray, phase: str) -> np.ndarray:
     """(k, j, i) float32 HU: each voxel of a group map at its group's :data:`TYPICAL_HU` in ``phase``."""
     if phase not in TYPICAL_HU:
         raise ValueError(f"unknown contrast phase {phase!r}; expected one of {', '.join(CONTRAST_PHASES)}")

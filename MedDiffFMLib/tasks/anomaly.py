@@ -183,9 +183,9 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     scored = scored if scored.any() else plan.body
     # A tissue the model reproduces to within a few HU almost everywhere (held-out brains: a
     # spread of 2.5 HU) would turn any error of 15 HU into a z of 6; dividing by at least
-    # ``min_spread_hu`` keeps such errors below the threshold (chosen on 4 training-family
-    # pairs; 6 held-out pairs outside the benchmark's: flagged on healthy volumes 17.7 -> 6.1
-    # ml, voxel AUROC 0.926 -> 0.933).
+    # ``min_spread_hu`` keeps such errors below the threshold (with labels, on 4 training-family
+    # pairs: lesion Dice 0.411 -> 0.439, flagged on healthy volumes 0.5 -> 0.2 ml; on 6 held-out
+    # pairs outside the benchmark's: 0.125 -> 0.163, 17.7 -> 6.1 ml).
     lo, hi = preprocessing.window_bounds(plan.region)
     min_spread = p["min_spread_hu"] * 2.0 / (hi - lo)  # HU -> window units
     amap = group_zscore(diff, tissue, scored, min_spread)
