@@ -18,6 +18,11 @@ from monai.networks.schedulers import DDPMScheduler
 from .networks import ModelConfig
 
 
+def timestep_at(fraction: float, num_train_timesteps: int) -> int:
+    """The timestep ``fraction`` of the way from 0 (clean) to T - 1 (pure noise), rounded."""
+    return int(round(fraction * (num_train_timesteps - 1)))
+
+
 class NoiseSchedule:
     """Cumulative alphas of the training process, on the CPU in float64 for exact lookups."""
 

@@ -48,6 +48,12 @@ def window_bounds(region: str) -> tuple[float, float]:
     return level - width / 2.0, level + width / 2.0
 
 
+def hu_per_unit(region: str) -> float:
+    """HU per window unit: half the window's width (the window spans 2 units)."""
+    lo, hi = window_bounds(region)
+    return (hi - lo) / 2.0
+
+
 def hu_to_unit(hu, region: str) -> np.ndarray:
     """Window then scale to [-1, 1] (float32): ``lo -> -1``, ``hi -> 1``, clipped outside.
 

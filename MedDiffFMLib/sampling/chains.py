@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import anatomy
-from ..diffusion import NoiseSchedule, forward_jump, step
+from ..diffusion import NoiseSchedule, forward_jump, step, timestep_at
 from ..progress import Cancelled, Progress
 from .denoiser import Condition, PatchSampler
 
@@ -242,7 +242,7 @@ def coarse_to_fine(sampler: PatchSampler, cond: Condition, shape: Sequence[int],
     coarse = resize(x, shape)
     if fits or refine_fraction <= 0:
         return coarse, coarse
-    t_refine = int(round(refine_fraction * (T - 1)))
+    t_refine = timestep_at(refine_fraction, T)
     # the refinement keeps the step density of the whole chain: a fraction of T, that fraction of the steps
     fine_steps = max(1, int(round(opts.steps * refine_fraction)))
     fine = partial_diffusion(sampler.denoiser(cond, shape), sched, coarse, t_refine, fine_steps, gen=gen, eta=eta,

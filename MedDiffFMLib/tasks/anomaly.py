@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import preprocessing
+from ..diffusion import timestep_at
 from ..volume import Volume
 from .base import TaskRequest, TaskResult
 from .common import (Models, anatomy_on_grid, region_index, require_image, resolve_region, unknown_message,
@@ -144,7 +145,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
                                             threshold_hu=BODY_THRESHOLD_HU)
     if groups is not None:
         body |= groups > 0
-    t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
+    t_start = timestep_at(params["noise_fraction"], models.cfg.num_train_timesteps)
     unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
     return Plan(image, region, unit, body, groups, labels, t_start, params, unknown_message(unknown))
 
@@ -186,8 +187,7 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     # ``min_spread_hu`` keeps such errors below the threshold (with labels, on 4 training-family
     # pairs: lesion Dice 0.411 -> 0.439, flagged on healthy volumes 0.5 -> 0.2 ml; on 6 held-out
     # pairs outside the benchmark's: 0.125 -> 0.163, 17.7 -> 6.1 ml).
-    lo, hi = preprocessing.window_bounds(plan.region)
-    min_spread = p["min_spread_hu"] * 2.0 / (hi - lo)  # HU -> window units
+    min_spread = p["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
     amap = group_zscore(diff, tissue, scored, min_spread)
     if plan.labels is not None and p["organ_check"]:
         # A lesion is both unlike its organ and not reproduced by the model; healthy anatomy the

@@ -147,8 +147,7 @@ class Plan:
 def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
     image = require_image(request)
     region = resolve_region(request, image)
-    lo, hi = preprocessing.window_bounds(region)
-    hu_per_unit = (hi - lo) / 2.0
+    hu_per_unit = preprocessing.hu_per_unit(region)
     unit = preprocessing.hu_to_unit(image.array, region).astype(np.float32)
     given = params["noise_level"] > 0
     if given:

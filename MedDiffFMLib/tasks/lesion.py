@@ -103,12 +103,12 @@ prepare = prepare_local
 
 def run(plan: LocalPlan, sampler, progress=None, cancel=None) -> TaskResult:
     from ..conditions import lesion_condition
+    from ..diffusion import timestep_at
     from ..sampling import partial_diffusion
 
     p, image, mask = plan.params, plan.image, plan.mask
     y, m = plan.box_tensors(sampler.device)
-    T = sampler.schedule.num_train_timesteps
-    t_start = int(round(p["noise_fraction"] * (T - 1)))
+    t_start = timestep_at(p["noise_fraction"], sampler.schedule.num_train_timesteps)
     den = sampler.denoiser(plan.condition(lesion_condition(y, m)), y.shape)
     x = partial_diffusion(den, sampler.schedule, y, t_start, p["steps"], gen=sampler.generator(),
                           eta=sampler.options.step_eta, clip_x0=sampler.options.clip_x0, progress=progress,

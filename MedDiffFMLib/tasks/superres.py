@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import preprocessing
 from ..conditions import CONTROL_CHANNELS, SUPERRES_INTERPOLATION_DEFAULT, SUPERRES_INTERPOLATIONS
+from ..diffusion import timestep_at
 from ..geometry import regrid
 from ..volume import Volume
 from .base import TaskRequest, TaskResult
@@ -93,7 +94,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
         messages.append(f"self-check impossible ({image.shape[0]} slices are fewer than two slabs of {factor}): "
                         "the result is the classical (total-variation) slab reconstruction; turn self_check off to "
                         "keep the model's detail unchecked")
-    t_start = int(round(params["noise_fraction"] * (models.cfg.num_train_timesteps - 1)))
+    t_start = timestep_at(params["noise_fraction"], models.cfg.num_train_timesteps)
     return Plan(image, region, int(factor), out_matrix, tuple(out_shape), groups_out, groups_in, self_check, t_start,
                 interpolation, params, messages)
 

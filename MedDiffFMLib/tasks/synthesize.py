@@ -57,6 +57,7 @@ def prepare(request: TaskRequest, params: dict, models: Models) -> Plan:
 def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     import torch
 
+    from ..diffusion import timestep_at
     from ..geometry import spacing_kji
     from ..sampling import Condition, coarse_to_fine, partial_diffusion, sample_chain
 
@@ -69,7 +70,7 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
     if plan.groups is not None and p["layout_start"] < 1.0:
         layout_hu = anatomy.typical_hu(plan.groups, p["contrast_phase"])
         layout = torch.from_numpy(preprocessing.hu_to_unit(layout_hu, plan.region)).to(sampler.device)
-        t_start = int(round(p["layout_start"] * (sched.num_train_timesteps - 1)))
+        t_start = timestep_at(p["layout_start"], sched.num_train_timesteps)
         refine_fraction = min(refine_fraction, p["layout_start"])  # never noisier than the start
     if p["multilevel"]:
         x, _ = coarse_to_fine(sampler, cond, plan.shape, refine_fraction=refine_fraction, x0=layout,
