@@ -102,7 +102,8 @@ def test_anomaly_organ_check_caps_the_map_by_the_organ_deviation(tiny_model_dir,
     scored = plan.body & ~preprocessing.outside_window(plan.image.array, plan.region)
     deviation = anomaly.organ_deviation(plan.unit, plan.labels, plan.body, params["smoothing_mm"],
                                         plan.image.spacing_kji)
-    organ_z = anomaly.group_zscore(deviation, plan.groups, scored)
+    organ_z = anomaly.group_zscore(deviation, plan.groups, scored,
+                                   params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region))
     np.testing.assert_allclose(maps[True, True], np.minimum(maps[True, False], organ_z), atol=1e-5)
     assert (maps[True, True] < maps[True, False] - 0.1).any() and (maps[True, True] > 0).any()
     np.testing.assert_array_equal(maps[False, True], maps[False, False])

@@ -209,23 +209,20 @@ def _anomaly(result) -> list[Verdict]:
 
 def _synthesis(result) -> list[Verdict]:
     parts, flags, n = [], [], MIN_CASES
+    unphased = []  # what a user gets without naming the phase, shown beside the verdict (not judged)
     share_ok = lambda share: share >= 0.8  # noqa: E731
     for g in SYNTHESIS_GROUPS:
         m = _mean(result, "synthesis", g, "model", "threshold_dice")
         c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
+        u = _mean(result, "synthesis", g, UNPHASED_SYNTHESIS, "threshold_dice")
+        if u is not None and c:
+            unphased.append(f"{g} {u / c:.2f}")
         if m is None or c is None:  # not in these fields of view: judged on the groups present
             parts.append(f"{g}: not present")
             continue
         n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
         parts.append(f"{g}: {m:.2f} / {c:.2f} = {_fmt_against(m / c, share_ok, 2)}" if c > 0 else f"{g}: ceiling 0")
         flags.append(c > 0 and share_ok(m / c))
-    # what a user gets without naming the phase, shown beside the verdict (not judged)
-    unphased = []
-    for g in SYNTHESIS_GROUPS:
-        m = _mean(result, "synthesis", g, UNPHASED_SYNTHESIS, "threshold_dice")
-        c = _mean(result, "synthesis", g, "real phantom (ceiling)", "threshold_dice")
-        if m is not None and c:
-            unphased.append(f"{g} {m / c:.2f}")
     note = f" (contrast phase not given: {', '.join(unphased)})" if unphased else ""
     return [Verdict("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group",
                     "; ".join(parts) + _cases_note(n) + note, _all(flags))]
