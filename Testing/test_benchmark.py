@@ -73,6 +73,15 @@ def test_every_section_reports_the_model_beside_its_baselines(result, family):
         assert bm.find_row(result, family, section, cond, method, "outside_identical")["values"] == [1.0]
 
 
+@pytest.mark.parametrize("family", ["heldout", "training"])
+def test_synthesis_runs_every_region_as_often_as_the_other_sections_run_cases(result, family):
+    """Its targets are per organ group, and each group lives in one region."""
+    row = bm.find_row(result, family, "synthesis", "all groups (mean)", "model", "threshold_dice")
+    assert row["n"] == 3 and sorted(c.split()[1] for c in row["cases"]) == sorted(bm.options.REGIONS)
+    assert result["meta"]["synthesis_regions"] == list(bm.options.REGIONS)
+    assert bm.find_row(result, family, "denoise", "25 HU noise", "model (DiffPIR)", "psnr_db")["n"] == 1
+
+
 def test_numbers_match_an_independent_computation(result):
     """The noisy input's PSNR and the linear interpolation's slab error, recomputed from the case."""
     case = make_case("heldout", "head_neck", bm.options.SEED_START,

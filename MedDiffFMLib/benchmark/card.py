@@ -306,7 +306,8 @@ def headline_markdown(result: dict) -> str:
     for v in verdicts(result):
         by_section.setdefault(v.section, []).append(v)
     lines = [f"Measured by `scripts/model_card.sh` on the held-out phantom family at clinical grids "
-             f"({result['meta']['cases']} cases per task; details and every baseline in the model card):", ""]
+             f"({result['meta']['cases']} cases per task, for synthesis per region; details and every baseline in the "
+             "model card):", ""]
     for section, vs in by_section.items():
         met = sum(v.met is True for v in vs)
         judged = sum(v.met is not None for v in vs)

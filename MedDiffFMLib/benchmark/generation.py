@@ -8,13 +8,14 @@ from scipy import ndimage
 from .. import anatomy, metrics
 from ..volume import Volume
 from . import baselines
-from .options import BACKGROUND_NOISE_HU, UNPHASED_SYNTHESIS
+from .options import BACKGROUND_NOISE_HU, REGIONS, UNPHASED_SYNTHESIS
 from .task_facts import primary_volume
 
 INPAINT_RADIUS_MM = 8.0
 CAPTIONS = {
     "synthesis": (
-        "Synthesis conditioned on the phantom's label map, on the case's clinical grid. Per organ group present "
+        "Synthesis conditioned on the phantom's label map, on the case's clinical grid, for as many cases of each "
+        "region as the other sections have cases (each organ group lives in one region). Per organ group present "
         "(>= 0.5% of the body): the Dice against the conditioning mask of a nearest-mean threshold segmentation "
         "(each body voxel gets the group whose mean HU in the real phantom is nearest; a stand-in for a segmenter). "
         "'real phantom' is that segmentation's ceiling; 'Dice / ceiling' is the model's fraction of it. 'model' is "
@@ -32,10 +33,17 @@ CAPTIONS = {
 }
 
 
+def synthesis_case_indices(cases: int) -> range:
+    """The case indices synthesis runs: ``cases`` of every region, because its targets are per
+    organ group and each group lives in one region (with regions cycling over ``cases`` alone, 5
+    cases held one abdomen: kidney and liver were judged on one case each)."""
+    return range(int(cases) * len(REGIONS))
+
+
 def run_synthesis(ctx, family: str) -> None:
     from ..tasks import TaskRequest
 
-    for i in range(ctx.opts.cases):
+    for i in synthesis_case_indices(ctx.opts.cases):
         case = ctx.case(family, i)
         body = case.body
         groups, _ = anatomy.group_map(case.labels, case.label_names)

@@ -46,7 +46,8 @@ class BenchmarkOptions:
     """What to run and on which cases.
 
     Attributes:
-        cases: cases per family and section (regions cycle head_neck, chest, abdomen).
+        cases: cases per family and section (regions cycle head_neck, chest, abdomen); synthesis
+            runs this many cases of every region.
         families: "heldout" (the independent family, the headline numbers) and/or "training"
             (the family the model was trained on, reported as its own section).
         seed_start: case ``i`` uses seeds ``seed_start + 10 i`` ... ``+ 9``.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .cases import Case, case_region, case_seed, clinical_grid, make_case
+from .generation import synthesis_case_indices
 from .options import (ANOMALY_LESIONS, FAMILY_TITLES, INPLANE_MM, SECTION_TASK, SLICE_MM, BenchmarkOptions)
 from .rows import Rows
 from .task_facts import controlnet_task
@@ -130,6 +131,7 @@ def run_benchmark(model=None, *, superres_controlnet=None, lesion_controlnet=Non
         "superres_factors": list(opts.superres_factors), "device": opts.device,
         "steps": {s: opts.steps.get(s, "task default") for s in opts.sections},
         "regions": [case_region(i) for i in range(opts.cases)],
+        "synthesis_regions": [case_region(i) for i in synthesis_case_indices(opts.cases)],
     }
     runners = {"denoise": run_denoise, "anomaly": run_anomaly, "synthesis": run_synthesis, "superres": run_superres,
                "inpaint": run_inpaint, "lesion": run_lesion}
