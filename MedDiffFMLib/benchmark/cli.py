@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superres-controlnet", default=None, help="superres ControlNet (default: the registered one)")
     p.add_argument("--lesion-controlnet", default=None, help="lesion ControlNet for inpainting and lesion generation "
                    "(default: the registered one)")
-    p.add_argument("--cases", type=int, default=5, help="cases per section and family, regions cycling (default 5)")
+    p.add_argument("--cases", type=int, default=5, help="cases per section and family, regions cycling "
+                   "(default 5); synthesis runs this many of every region")
     p.add_argument("--families", default=",".join(FAMILIES), help="heldout,training (default both)")
     p.add_argument("--seed-start", type=int, default=SEED_START, help=f"first case seed (default {SEED_START})")
     p.add_argument("--sections", "--tasks", dest="sections", default=",".join(SECTIONS),

@@ -54,7 +54,8 @@ def _title(family: str, section: str) -> str:
 
 
 def _intro(meta: dict) -> str:
-    return (f"Model {meta['model']}; {meta['cases']} case(s) per section and family, seeds from {meta['seed_start']}, "
+    return (f"Model {meta['model']}; {meta['cases']} case(s) per section and family (synthesis: per region), "
+            f"seeds from {meta['seed_start']}, "
             f"clinical grids (in-plane {meta['inplane_mm'][0]:g}-{meta['inplane_mm'][1]:g} mm, slices "
             f"{meta['slice_mm'][0]:g}-{meta['slice_mm'][1]:g} mm, oblique), field of view {meta['fov_mm']} mm "
             "(k, j, i). Mean ± sample std over cases. Synthetic phantoms: these numbers are not clinical results.")

@@ -135,8 +135,8 @@ def run_benchmark(model=None, *, superres_controlnet=None, lesion_controlnet=Non
     }
     runners = {"denoise": run_denoise, "anomaly": run_anomaly, "synthesis": run_synthesis, "superres": run_superres,
                "inpaint": run_inpaint, "lesion": run_lesion}
-    log(f"model {base_dir}; {opts.cases} case(s) per section; families {', '.join(opts.families)}; "
-        f"sections {', '.join(opts.sections)}")
+    log(f"model {base_dir}; {opts.cases} case(s) per section (synthesis: per region); "
+        f"families {', '.join(opts.families)}; sections {', '.join(opts.sections)}")
     for family in opts.families:
         for section in opts.sections:
             cn = controlnet_task(SECTION_TASK[section])
