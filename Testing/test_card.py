@@ -89,6 +89,9 @@ def test_anomaly_synthesis_lesion_targets():
             rows.add("heldout", "synthesis", g, "model", f"c{c}", threshold_dice=m)
             rows.add("heldout", "synthesis", g, "real phantom (ceiling)", f"c{c}", threshold_dice=ceiling)
         rows.add("heldout", "synthesis", "bone", "model, phase not given", f"c{c}", threshold_dice=0.45)
+        if c < 2:  # a group only two cases' fields of view hold
+            rows.add("heldout", "synthesis", "spleen", "model", f"c{c}", threshold_dice=0.9)
+            rows.add("heldout", "synthesis", "spleen", "real phantom (ceiling)", f"c{c}", threshold_dice=0.9)
         rows.add("heldout", "lesion", "generated in the mask", "model (lesion ControlNet)", f"c{c}",
                  abs_contrast_hu=40.0, threshold_dice=0.2)
         rows.add("heldout", "lesion", "the family's own lesions", "phantom lesions (each)", f"l{c}",
@@ -104,6 +107,9 @@ def test_anomaly_synthesis_lesion_targets():
     # groups outside the fields of view are said and left out; the lung (0.5 of 1.0) misses
     assert synthesis.met is False and "liver: not present" in synthesis.measured
     assert "lung: 0.50 / 1.00" in synthesis.measured
+    # the case count goes with the group it is short for, not with the whole verdict
+    assert "spleen: 0.90 / 0.90 = 1.00 (n = 2 < 5)" in synthesis.measured
+    assert "lung: 0.50 / 1.00 = 0.50;" in synthesis.measured
     # the run without a contrast phase is shown beside the verdict, not judged
     assert "(contrast phase not given: bone 0.45)" in synthesis.measured
     contrast = v[("lesion", "|contrast| within the range of the family's own lesions")]

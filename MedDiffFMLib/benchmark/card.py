@@ -208,7 +208,7 @@ def _anomaly(result) -> list[Verdict]:
 
 
 def _synthesis(result) -> list[Verdict]:
-    parts, flags, n = [], [], MIN_CASES
+    parts, flags = [], []
     unphased = []  # what a user gets without naming the phase, shown beside the verdict (not judged)
     share_ok = lambda share: share >= 0.8  # noqa: E731
     for g in SYNTHESIS_GROUPS:
@@ -220,12 +220,14 @@ def _synthesis(result) -> list[Verdict]:
         if m is None or c is None:  # not in these fields of view: judged on the groups present
             parts.append(f"{g}: not present")
             continue
-        n = min(n, _n(result, "synthesis", g, "model", "threshold_dice"))
-        parts.append(f"{g}: {m:.2f} / {c:.2f} = {_fmt_against(m / c, share_ok, 2)}" if c > 0 else f"{g}: ceiling 0")
+        # each group is present in the cases of its own region only: its count goes with it
+        few = _cases_note(_n(result, "synthesis", g, "model", "threshold_dice"))
+        parts.append((f"{g}: {m:.2f} / {c:.2f} = {_fmt_against(m / c, share_ok, 2)}" if c > 0 else f"{g}: ceiling 0")
+                     + few)
         flags.append(c > 0 and share_ok(m / c))
     note = f" (contrast phase not given: {', '.join(unphased)})" if unphased else ""
     return [Verdict("synthesis", "threshold Dice >= 0.8 x the real phantom's, per group",
-                    "; ".join(parts) + _cases_note(n) + note, _all(flags))]
+                    "; ".join(parts) + note, _all(flags))]
 
 
 def _inpaint(result) -> list[Verdict]:
