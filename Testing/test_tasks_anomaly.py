@@ -129,3 +129,47 @@ def test_anomaly_min_spread_only_lowers_the_map(tiny_model_dir, task_phantom):
                              tiny_model_dir, device="cpu").volumes["anomaly_map"].array for spread in (0.0, 40.0)}
     assert np.all(maps[40.0] <= maps[0.0] + 1e-6)
     assert (maps[40.0] < maps[0.0] - 0.1).any()
+
+
+def test_reconstruction_classes_follow_the_smoothed_hu():
+    from MedDiffFMLib.tasks.anomaly import RECONSTRUCTION_CLASS_EDGES_HU, reconstruction_classes
+
+    assert RECONSTRUCTION_CLASS_EDGES_HU == tuple(sorted(RECONSTRUCTION_CLASS_EDGES_HU))
+    hu = np.zeros((6, 12, 48), np.float32)
+    for c, value in enumerate((-100.0, 20.0, 100.0, 300.0)):  # fat, soft tissue, enhanced, contrast
+        hu[:, :, 12 * c:12 * (c + 1)] = value
+    hu[3, 6, 18] = 400.0  # one bright voxel in the soft tissue: noise, not a class of its own
+    classes = reconstruction_classes(hu, (2.5, 0.7, 0.7))
+    assert classes.dtype == np.int8
+    for c in range(4):
+        assert np.all(classes[:, :, 12 * c + 4:12 * c + 8] == c + 1)
+    # a Gaussian of 1.5 mm at 0.7 mm voxels spreads the spike below the next edge
+    assert classes[3, 6, 18] == 2
+
+
+def test_anomaly_without_labels_scores_each_class_of_the_reconstruction_on_its_own(tiny_model_dir, task_phantom):
+    """Without a label map the z-score groups are the HU classes of the returned reconstruction,
+    so that a lesion is scored among the tissue the model put in its place."""
+    from scipy import ndimage
+
+    from MedDiffFMLib.tasks import anomaly, check_params
+    from MedDiffFMLib.tasks.common import Models
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    req = request_for("anomaly", task_phantom, anatomy=False)
+    res = run_task("anomaly", req, tiny_model_dir, device="cpu")
+    params = check_params("anomaly", req.params)
+    plan = anomaly.prepare(req, params, Models.resolve(TASKS["anomaly"], tiny_model_dir))
+    assert plan.groups is None
+    recon_hu = res.volumes["reconstruction"].array
+    keep = preprocessing.outside_window(plan.image.array, plan.region)
+    diff = np.where(keep, 0.0, preprocessing.hu_to_unit(recon_hu, plan.region) - plan.unit).astype(np.float32)
+    diff = np.abs(ndimage.gaussian_filter(diff, params["smoothing_mm"] / np.asarray(plan.image.spacing_kji)))
+    scored = plan.body & ~keep
+    min_spread = params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
+    classes = anomaly.reconstruction_classes(recon_hu, plan.image.spacing_kji)
+    assert len(np.unique(classes[scored])) >= 2  # the phantom holds more than one tissue class
+    expected = anomaly.group_zscore(diff, classes, scored, min_spread)
+    np.testing.assert_allclose(res.volumes["anomaly_map"].array, expected, atol=1e-3)
+    one_group = anomaly.group_zscore(diff, np.ones(classes.shape, np.int8), scored, min_spread)
+    assert np.abs(expected - one_group).max() > 0.1
