@@ -92,18 +92,20 @@ def test_anomaly_organ_check_caps_the_map_by_the_organ_deviation(tiny_model_dir,
     from MedDiffFMLib.tasks.common import Models
     from MedDiffFMLib.tasks.registry import TASKS
 
-    maps = {}
+    maps, recon_hu = {}, None
     for labels in (True, False):
         for check in (True, False):
             req = request_for("anomaly", task_phantom, {"organ_check": check}, anatomy=labels)
-            maps[labels, check] = run_task("anomaly", req, tiny_model_dir, device="cpu").volumes["anomaly_map"].array
+            res = run_task("anomaly", req, tiny_model_dir, device="cpu")
+            maps[labels, check] = res.volumes["anomaly_map"].array
+            recon_hu = res.volumes["reconstruction"].array if labels else recon_hu
     params = check_params("anomaly", request_for("anomaly", task_phantom).params)
     plan = anomaly.prepare(request_for("anomaly", task_phantom), params, Models.resolve(TASKS["anomaly"], tiny_model_dir))
     scored = plan.body & ~preprocessing.outside_window(plan.image.array, plan.region)
     deviation = anomaly.organ_deviation(plan.unit, plan.labels, plan.body, params["smoothing_mm"],
                                         plan.image.spacing_kji)
-    organ_z = anomaly.group_zscore(deviation, plan.groups, scored,
-                                   params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region))
+    organ_z = anomaly.group_zscore(deviation, anomaly.tissue_groups(plan.groups, recon_hu, plan.image.spacing_kji),
+                                   scored, params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region))
     np.testing.assert_allclose(maps[True, True], np.minimum(maps[True, False], organ_z), atol=1e-5)
     assert (maps[True, True] < maps[True, False] - 0.1).any() and (maps[True, True] > 0).any()
     np.testing.assert_array_equal(maps[False, True], maps[False, False])
@@ -168,8 +170,28 @@ def test_anomaly_without_labels_scores_each_class_of_the_reconstruction_on_its_o
     scored = plan.body & ~keep
     min_spread = params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
     classes = anomaly.reconstruction_classes(recon_hu, plan.image.spacing_kji)
+    np.testing.assert_array_equal(anomaly.tissue_groups(None, recon_hu, plan.image.spacing_kji), classes)
     assert len(np.unique(classes[scored])) >= 2  # the phantom holds more than one tissue class
     expected = anomaly.group_zscore(diff, classes, scored, min_spread)
     np.testing.assert_allclose(res.volumes["anomaly_map"].array, expected, atol=1e-3)
     one_group = anomaly.group_zscore(diff, np.ones(classes.shape, np.int8), scored, min_spread)
     assert np.abs(expected - one_group).max() > 0.1
+
+
+def test_tissue_groups_split_each_anatomy_group_by_reconstruction_class():
+    """With a group map, one z-score group per (anatomy group, HU class) pair present."""
+    from MedDiffFMLib.tasks.anomaly import reconstruction_classes, tissue_groups
+
+    groups = np.zeros((4, 10, 40), np.int8)
+    groups[:, :, 20:] = 14  # the largest group value
+    hu = np.zeros(groups.shape, np.float32)
+    hu[:, :, 10:30] = 300.0  # each group holds soft tissue and a contrast-filled part
+    classes = reconstruction_classes(hu, (3.0, 0.8, 0.8))
+    tissue = tissue_groups(groups, hu, (3.0, 0.8, 0.8))
+    pairs = {(int(g), int(c)) for g, c in zip(groups.ravel(), classes.ravel())}
+    # 4 pairs, plus the intermediate class the smoothing makes at each step of 300 HU
+    assert len(pairs) >= 4 and len(np.unique(tissue)) == len(pairs)
+    # equal tissue value <=> equal (group, class) pair
+    for g, c in pairs:
+        sel = (groups == g) & (classes == c)
+        assert len(np.unique(tissue[sel])) == 1 and not np.isin(tissue[~sel], np.unique(tissue[sel])).any()
