@@ -67,10 +67,10 @@ def group_zscore(diff: np.ndarray, groups: np.ndarray, inside: np.ndarray, min_s
 # training-family pairs among 2, 3 or 4 classes of the image or of the reconstruction (against the
 # whole body as one group: lesion Dice 0.119 -> 0.190, flagged on healthy volumes 6.9 -> 5.4 ml, voxel
 # AUROC 0.803 -> 0.801), then checked on 6 held-out pairs outside the benchmark's: Dice 0.058 -> 0.104,
-# 30.4 -> 23.1 ml, 0.847 -> 0.878. With one, the same classes split each anatomy group (a label such
-# as the heart or the body wall holds several tissues): on 10 training-family pairs Dice 0.403 ->
-# 0.404, voxel AUROC 0.870 -> 0.867, flagged 0.7 -> 1.9 ml; on the 6 held-out pairs 0.163 -> 0.214,
-# 0.933 -> 0.933, 6.1 -> 3.0 ml.
+# 30.4 -> 23.1 ml, 0.847 -> 0.878. With a label map the same classes split each anatomy group (a
+# label such as the heart or the body wall holds several tissues): on 10 training-family pairs Dice
+# 0.403 -> 0.404, voxel AUROC 0.870 -> 0.867, flagged 0.7 -> 1.9 ml; on the 6 held-out pairs (seen
+# before the choice; the model card says how it was made) 0.163 -> 0.214, 0.933 -> 0.933, 6.1 -> 3.0 ml.
 RECONSTRUCTION_CLASS_EDGES_HU = (-20.0, 60.0, 130.0)
 RECONSTRUCTION_CLASS_SMOOTHING_MM = 1.5
 
