@@ -13,7 +13,7 @@ import torch
 from MedDiffFMLib import benchmark as bm
 from MedDiffFMLib import metrics, preprocessing
 from MedDiffFMLib.benchmark import baselines
-from MedDiffFMLib.benchmark.cases import clinical_grid, make_case, superres_grid
+from MedDiffFMLib.benchmark.cases import case_seed, clinical_grid, make_case, superres_grid
 from MedDiffFMLib.benchmark.options import INPLANE_MM, SLICE_MM
 
 TINY_FOV = (10.0, 20.0, 20.0)  # mm: a few thousand voxels at clinical spacing
@@ -80,6 +80,33 @@ def test_synthesis_runs_every_region_as_often_as_the_other_sections_run_cases(re
     assert row["n"] == 3 and sorted(c.split()[1] for c in row["cases"]) == sorted(bm.options.REGIONS)
     assert result["meta"]["synthesis_regions"] == list(bm.options.REGIONS)
     assert bm.find_row(result, family, "denoise", "25 HU noise", "model (DiffPIR)", "psnr_db")["n"] == 1
+
+
+def test_synthesis_samples_a_case_in_the_default_phase_once(tiny_model_dir, monkeypatch):
+    """'model' (told the case's phase) and 'model, phase not given' are the same request when the
+    case is in the task's default phase: one sampling, the same rows."""
+    import MedDiffFMLib.tasks as tasks
+    from MedDiffFMLib.tasks.registry import TASKS
+
+    calls = []  # the params of every task run
+    run_task = tasks.run_task
+    monkeypatch.setattr(tasks, "run_task", lambda *a, **kw: calls.append(a[1].params) or run_task(*a, **kw))
+    torch.set_num_threads(1)
+    result = bm.run_benchmark(tiny_model_dir, options=_options(sections=("synthesis",), families=("heldout",)))
+    default = TASKS["synthesize"].params["contrast_phase"].default
+    cases = []
+    for i, region in enumerate(bm.options.REGIONS):
+        seed = case_seed(bm.options.SEED_START, i)
+        cases.append(make_case("heldout", region, seed, clinical_grid(region, seed, TINY_FOV)))
+    in_default = [c.phase == default for c in cases]
+    assert any(in_default) and not all(in_default)  # both kinds of case are exercised
+    assert len(calls) == sum(1 if d else 2 for d in in_default)
+    told, unphased = (bm.find_row(result, "heldout", "synthesis", "all groups (mean)", method, "threshold_dice")
+                      for method in ("model", bm.options.UNPHASED_SYNTHESIS))
+    assert told["cases"] == unphased["cases"] == [c.name for c in cases]
+    for c, d, a, b in zip(cases, in_default, told["values"], unphased["values"]):
+        if d:
+            assert a == b, c.name
 
 
 def test_numbers_match_an_independent_computation(result):

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Measures the bundled weights on every task and rewrites the numbers of the model card
 # (Resources/models/MODEL_CARD.md) and the README from that one run: the held-out family at
-# clinical grids ($CASES cases per task, for synthesis per region; the targets are judged there) and the training family
-# ($TRAINING_CASES cases, labelled as such). Two single-threaded benchmark processes share the
-# sections (on 2 CPU cores with the defaults this takes about an hour and a half; DEVICE=cuda on a GPU).
+# clinical grids ($CASES cases per task, for synthesis per region; the targets are judged there)
+# and the training family ($TRAINING_CASES cases, labelled as such). Two single-threaded benchmark
+# processes share the sections (on 2 CPU cores with the defaults this takes about an hour and a
+# half; DEVICE=cuda on a GPU).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh" "benchmark"
 set -euo pipefail
 OUT=${OUT:-runs/model_card}
