@@ -170,28 +170,54 @@ def test_anomaly_without_labels_scores_each_class_of_the_reconstruction_on_its_o
     scored = plan.body & ~keep
     min_spread = params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
     classes = anomaly.reconstruction_classes(recon_hu, plan.image.spacing_kji)
-    np.testing.assert_array_equal(anomaly.tissue_groups(None, recon_hu, plan.image.spacing_kji), classes)
+    edges = anomaly.reconstruction_edges(recon_hu, plan.image.spacing_kji)
+    tissue = classes + 4 * edges.astype(np.int16)
+    np.testing.assert_array_equal(anomaly.tissue_groups(None, recon_hu, plan.image.spacing_kji), tissue)
     assert len(np.unique(classes[scored])) >= 2  # the phantom holds more than one tissue class
-    expected = anomaly.group_zscore(diff, classes, scored, min_spread)
+    expected = anomaly.group_zscore(diff, tissue, scored, min_spread)
     np.testing.assert_allclose(res.volumes["anomaly_map"].array, expected, atol=1e-3)
     one_group = anomaly.group_zscore(diff, np.ones(classes.shape, np.int8), scored, min_spread)
     assert np.abs(expected - one_group).max() > 0.1
 
 
 def test_tissue_groups_split_each_anatomy_group_by_reconstruction_class():
-    """With a group map, one z-score group per (anatomy group, HU class) pair present."""
-    from MedDiffFMLib.tasks.anomaly import reconstruction_classes, tissue_groups
+    """With a group map, one z-score group per (anatomy group, HU class) pair present; without one,
+    one per (HU class, edge or not) pair."""
+    from MedDiffFMLib.tasks.anomaly import reconstruction_classes, reconstruction_edges, tissue_groups
 
     groups = np.zeros((4, 10, 40), np.int8)
     groups[:, :, 20:] = 14  # the largest group value
     hu = np.zeros(groups.shape, np.float32)
     hu[:, :, 10:30] = 300.0  # each group holds soft tissue and a contrast-filled part
-    classes = reconstruction_classes(hu, (3.0, 0.8, 0.8))
-    tissue = tissue_groups(groups, hu, (3.0, 0.8, 0.8))
-    pairs = {(int(g), int(c)) for g, c in zip(groups.ravel(), classes.ravel())}
-    # 4 pairs, plus the intermediate class the smoothing makes at each step of 300 HU
-    assert len(pairs) >= 4 and len(np.unique(tissue)) == len(pairs)
-    # equal tissue value <=> equal (group, class) pair
-    for g, c in pairs:
-        sel = (groups == g) & (classes == c)
-        assert len(np.unique(tissue[sel])) == 1 and not np.isin(tissue[~sel], np.unique(tissue[sel])).any()
+    spacing = (3.0, 0.8, 0.8)
+    classes, edges = reconstruction_classes(hu, spacing), reconstruction_edges(hu, spacing)
+    assert edges[:, :, 9:11].all() and edges[:, :, 29:31].all() and not edges[:, :, 20].any()
+    for split, tissue, n in (((groups, classes), tissue_groups(groups, hu, spacing), 4),
+                             ((classes, edges), tissue_groups(None, hu, spacing), 4)):
+        keys = {tuple(int(a[v]) for a in split) for v in np.ndindex(groups.shape)}
+        # the pairs, plus the intermediate class the smoothing makes at each step of 300 HU
+        assert len(keys) >= n and len(np.unique(tissue)) == len(keys)
+        for key in keys:  # equal tissue value <=> equal pair
+            sel = np.logical_and.reduce([a == k for a, k in zip(split, key)])
+            assert len(np.unique(tissue[sel])) == 1 and not np.isin(tissue[~sel], np.unique(tissue[sel])).any()
+
+
+def test_reconstruction_edges_are_steep_gradients_in_hu_per_mm():
+    """An edge is a gradient above EDGE_GRADIENT_HU_PER_MM in physical units: a ramp just under it
+    is no edge whatever the voxel size, a step is one near the step only, along slices as in-plane."""
+    from MedDiffFMLib.tasks.anomaly import EDGE_GRADIENT_HU_PER_MM, reconstruction_edges
+
+    for slope, is_edge in ((0.8 * EDGE_GRADIENT_HU_PER_MM, False), (1.5 * EDGE_GRADIENT_HU_PER_MM, True)):
+        across_i = np.broadcast_to(slope * 0.7 * np.arange(60), (12, 8, 60)).astype(np.float32)
+        across_k = np.broadcast_to(slope * 3.0 * np.arange(12)[:, None, None], (12, 8, 60)).astype(np.float32)
+        for ramp in (across_i, across_k):
+            assert reconstruction_edges(ramp, (3.0, 0.7, 0.7))[6, 4, 30] == is_edge
+    step = np.zeros((6, 8, 60), np.float32)
+    step[:, :, 30:] = 100.0
+    edges = reconstruction_edges(step, (3.0, 0.7, 0.7))
+    assert edges[:, :, 29:31].all() and not edges[:, :, :20].any() and not edges[:, :, 40:].any()
+    # the same step across thick slices: an edge on the two slices beside it, none two slices away
+    slab = np.zeros((12, 8, 8), np.float32)
+    slab[6:] = 100.0
+    edges = reconstruction_edges(slab, (3.0, 0.7, 0.7))
+    assert edges[5:7].all() and not edges[:4].any() and not edges[8:].any()
