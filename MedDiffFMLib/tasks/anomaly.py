@@ -15,9 +15,10 @@ of T, so the map has the input's resolution.
 
 The anomaly map is the absolute value of the smoothed difference, over the voxels inside the
 intensity window, as a robust z-score *per tissue*: per HU class of the model's own
-reconstruction, within each anatomy group when a label map is given and with its edges apart
-from the rest when none is. Tissues whose content is inherently unpredictable (bowel gas, enhancing vessels) and the
-borders the model redraws slightly off then stop dominating the map. With an anatomy label
+reconstruction, within each anatomy group when a label map is given, and with the
+reconstruction's edges apart from the rest when none is. Tissues whose content is inherently
+unpredictable (bowel gas, enhancing vessels) and borders the model redraws slightly off then
+stop dominating the map. With an anatomy label
 map, the map is also capped by the z-score of each voxel's deviation from its organ's median
 (``organ_check``): a lesion is unlike its organ, while most of what the model misreproduces of
 unfamiliar healthy anatomy is not. The volume score is the maximum of the map smoothed at 3 mm in
@@ -233,21 +234,22 @@ def anomaly_map(plan: Plan, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     Returns:
         (anomaly map float32, reconstruction in HU float32, scored voxels bool), each (D, H, W).
     """
+    image, p = plan.image, plan.params
     # Voxels the window clips (air and lung in a soft-tissue window, dense bone) hold no
     # intensity for the model to reproduce: their difference is no evidence, and it would
     # swamp the map (measured on held-out chest cases without labels: AUROC 0.38 -> 0.97).
-    keep = preprocessing.outside_window(plan.image.array, plan.region)
+    keep = preprocessing.outside_window(image.array, plan.region)
     diff = np.where(keep, 0.0, recon - plan.unit).astype(np.float32)
     # Smoothed while signed: a lesion the reconstruction replaces by healthy tissue is an offset
     # of one sign, which smoothing keeps; its errors at edges and in texture alternate in sign
     # and cancel (3 held-out cases at z > 4: flagged on healthy volumes 58 -> 21 ml with labels,
     # 121 -> 41 ml without; voxel AUROC 0.957 -> 0.952 with labels, 0.849 -> 0.874 without).
-    if plan.params["smoothing_mm"] > 0:
-        diff = ndimage.gaussian_filter(diff, plan.params["smoothing_mm"] / np.asarray(plan.image.spacing_kji))
+    if p["smoothing_mm"] > 0:
+        diff = ndimage.gaussian_filter(diff, p["smoothing_mm"] / np.asarray(image.spacing_kji))
     diff = np.abs(diff)
     # the reconstruction in HU; outside the window the model has nothing to say: the input
-    recon_hu = np.where(keep, plan.image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
-    tissue = tissue_groups(plan.groups, recon_hu, plan.image.spacing_kji)
+    recon_hu = np.where(keep, image.array, preprocessing.unit_to_hu(recon, plan.region)).astype(np.float32)
+    tissue = tissue_groups(plan.groups, recon_hu, image.spacing_kji)
     scored = plan.body & ~keep
     scored = scored if scored.any() else plan.body
     # A tissue the model reproduces to within a few HU almost everywhere (held-out brains: a
@@ -255,15 +257,14 @@ def anomaly_map(plan: Plan, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     # ``min_spread_hu`` keeps such errors below the threshold (with labels, on 4 training-family
     # pairs: lesion Dice 0.411 -> 0.439, flagged on healthy volumes 0.5 -> 0.2 ml; on 6 held-out
     # pairs outside the benchmark's: 0.125 -> 0.163, 17.7 -> 6.1 ml).
-    min_spread = plan.params["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
+    min_spread = p["min_spread_hu"] / preprocessing.hu_per_unit(plan.region)
     amap = group_zscore(diff, tissue, scored, min_spread)
-    if plan.labels is not None and plan.params["organ_check"]:
+    if plan.labels is not None and p["organ_check"]:
         # A lesion is both unlike its organ and not reproduced by the model; healthy anatomy the
         # model misreproduces is rarely unlike its organ too, so only what both maps flag is kept
         # (6 held-out cases outside the benchmark's: flagged on healthy volumes 29.5 -> 17.7 ml,
         # voxel AUROC 0.890 -> 0.926; 4 training-family cases: 3.1 -> 0.4 ml, 0.854 -> 0.901).
-        deviation = organ_deviation(plan.unit, plan.labels, plan.body, plan.params["smoothing_mm"],
-                                    plan.image.spacing_kji)
+        deviation = organ_deviation(plan.unit, plan.labels, plan.body, p["smoothing_mm"], image.spacing_kji)
         amap = np.minimum(amap, group_zscore(deviation, tissue, scored, min_spread))
     return amap, recon_hu, scored
 
