@@ -60,12 +60,13 @@ def run_synthesis(ctx, family: str) -> None:
                 threshold_dice=float(np.mean(list(ceiling.values()))))
         runs = {}  # contrast phase -> (result, seconds): a case in the default phase is sampled once
         for method, phase in (("model", case.phase), (UNPHASED_SYNTHESIS, None)):
-            if (phase or default_phase) not in runs:
+            sampled_phase = phase or default_phase
+            if sampled_phase not in runs:
                 params = ctx.params("synthesis", **({"contrast_phase": phase} if phase else {}))
-                runs[phase or default_phase] = ctx.run_model(
+                runs[sampled_phase] = ctx.run_model(
                     "synthesis", TaskRequest(anatomy=case.label_volume(), anatomy_names=case.label_names,
                                              region=case.region, params=params))
-            res, secs = runs[phase or default_phase]
+            res, secs = runs[sampled_phase]
             model_seg = baselines.nearest_mean_segmentation(primary_volume("synthesize", res).array, means, body,
                                                             case.region)
             dices = []

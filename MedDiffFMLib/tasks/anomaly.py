@@ -18,11 +18,11 @@ intensity window, as a robust z-score *per tissue*: per HU class of the model's 
 reconstruction, within each anatomy group when a label map is given, and with the
 reconstruction's edges apart from the rest when none is. Tissues whose content is inherently
 unpredictable (bowel gas, enhancing vessels) and borders the model redraws slightly off then
-stop dominating the map. With an anatomy label
-map, the map is also capped by the z-score of each voxel's deviation from its organ's median
-(``organ_check``): a lesion is unlike its organ, while most of what the model misreproduces of
-unfamiliar healthy anatomy is not. The volume score is the maximum of the map smoothed at 3 mm in
-the body; the mask is the map above a z threshold.
+stop dominating the map. With an anatomy label map, the map is also capped by the z-score of
+each voxel's deviation from its organ's median (``organ_check``): a lesion is unlike its organ,
+while most of what the model misreproduces of unfamiliar healthy anatomy is not. The volume
+score is the maximum of the map smoothed at 3 mm in the body; the mask is the map above a z
+threshold.
 """
 
 from __future__ import annotations
