@@ -221,3 +221,53 @@ def test_reconstruction_edges_are_steep_gradients_in_hu_per_mm():
     slab[6:] = 100.0
     edges = reconstruction_edges(slab, (3.0, 0.7, 0.7))
     assert edges[5:7].all() and not edges[:4].any() and not edges[8:].any()
+
+
+def test_ball_holds_the_offsets_within_its_radius_in_mm():
+    from MedDiffFMLib.tasks.anomaly import ball
+
+    iso = ball(2.0, (1.0, 1.0, 1.0))
+    # the integer points within 2 of the origin: 1 + 6 (at 1) + 12 (at sqrt 2) + 8 (at sqrt 3) + 6 (at 2)
+    assert iso.shape == (5, 5, 5) and iso.sum() == 33 and iso[0, 2, 2] and not iso[0, 1, 2]
+    # thick slices: no extent across them; in-plane 0.7 mm voxels reach 2 voxels (1.4 mm), the corner
+    # (1.98 mm) inside, 3 voxels (2.1 mm) outside
+    flat = ball(2.0, (3.0, 0.7, 0.7))
+    assert flat.shape == (1, 5, 5) and flat[0, 0, 0] and flat.all()
+    assert ball(2.0, (1.5, 0.7, 0.7)).shape == (3, 5, 5)
+
+
+def test_anomaly_mask_opening_drops_thin_parts_and_keeps_blobs():
+    """Opened by a 2 mm ball, a sheet two voxels thick goes and a ball of radius 5 mm stays but for
+    its caps (its first and last slices are narrower than the opening's ball), on a grid of 0.7 mm
+    voxels and 2 mm slices."""
+    from MedDiffFMLib.tasks.anomaly import anomaly_mask, ball
+
+    spacing = (2.0, 0.7, 0.7)
+    k, j, i = np.meshgrid(*(np.arange(n) * s for n, s in zip((16, 40, 40), spacing)), indexing="ij")
+    blob = (k - 16.0) ** 2 + (j - 14.0) ** 2 + (i - 14.0) ** 2 <= 5.0 ** 2
+    sheet = (j >= 21.0) & (j < 22.4)  # two voxels thick, across the whole field
+    amap = np.where(blob | sheet, 6.0, 0.0).astype(np.float32)
+    body = np.ones(amap.shape, bool)
+    plain = anomaly_mask(amap, body, 4.0, 1)
+    opened = anomaly_mask(amap, body, 4.0, 1, ball(2.0, spacing))
+    assert np.array_equal(plain, blob | sheet)
+    assert not (opened & sheet & ~blob).any() and opened[blob].mean() > 0.9 and not (opened & ~blob).any()
+
+
+def test_anomaly_opens_the_mask_without_labels_only(tiny_model_dir, task_phantom):
+    """Without a label map the task's mask is its unopened mask opened by a ball of ``opening_mm``;
+    with one, ``opening_mm`` changes nothing."""
+    from scipy import ndimage
+
+    from MedDiffFMLib.tasks.anomaly import ball
+
+    masks = {}
+    for labels in (False, True):
+        for opening in (0.0, 2.0):
+            params = {"threshold": 0.5, "min_size_mm3": 0.0, "organ_check": False, "opening_mm": opening}
+            req = request_for("anomaly", task_phantom, params, anatomy=labels)
+            masks[labels, opening] = run_task("anomaly", req, tiny_model_dir, device="cpu").segmentations["anomaly"].array
+    spacing = request_for("anomaly", task_phantom).image.spacing_kji
+    expected = ndimage.binary_opening(masks[False, 0.0], ball(2.0, spacing))
+    assert np.array_equal(masks[False, 2.0], expected) and masks[False, 2.0].sum() < masks[False, 0.0].sum()
+    assert np.array_equal(masks[True, 2.0], masks[True, 0.0])

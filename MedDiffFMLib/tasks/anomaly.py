@@ -22,7 +22,7 @@ stop dominating the map. With an anatomy label map, the map is also capped by th
 each voxel's deviation from its organ's median (``organ_check``): a lesion is unlike its organ,
 while most of what the model misreproduces of unfamiliar healthy anatomy is not. The volume
 score is the maximum of the map smoothed at 3 mm in the body; the mask is the map above a z
-threshold.
+threshold, without a label map opened by a 2 mm ball.
 """
 
 from __future__ import annotations
@@ -157,10 +157,27 @@ def organ_deviation(unit: np.ndarray, classes: np.ndarray, inside: np.ndarray, s
     return np.where(inside, deviation, 0.0).astype(np.float32)
 
 
-def anomaly_mask(amap: np.ndarray, body: np.ndarray, threshold: float, min_voxels: int) -> np.ndarray:
-    """(D, H, W) bool: the map above ``threshold`` inside ``body``, without connected components
-    (face-connected) of fewer than ``min_voxels`` voxels."""
+def ball(radius_mm: float, spacing_kji) -> np.ndarray:
+    """(2a+1, 2b+1, 2c+1) bool footprint: the voxel offsets within ``radius_mm`` of the centre, in mm
+    (an axis whose spacing exceeds the radius has no extent along it).
+
+    Args:
+        radius_mm: the ball's radius in mm.
+        spacing_kji: voxel size in mm, (k, j, i).
+    """
+    spacing = [float(s) for s in spacing_kji]
+    offsets = np.ogrid[tuple(slice(-int(radius_mm // s), int(radius_mm // s) + 1) for s in spacing)]
+    return sum((o * s) ** 2 for o, s in zip(offsets, spacing)) <= radius_mm ** 2 * (1 + 1e-9)
+
+
+def anomaly_mask(amap: np.ndarray, body: np.ndarray, threshold: float, min_voxels: int,
+                 opening: Optional[np.ndarray] = None) -> np.ndarray:
+    """(D, H, W) bool: the map above ``threshold`` inside ``body``, morphologically opened by the
+    footprint ``opening`` when one is given, without connected components (face-connected) of fewer
+    than ``min_voxels`` voxels."""
     mask = (amap > threshold) & body
+    if opening is not None and mask.any():
+        mask = ndimage.binary_opening(mask, structure=opening)
     if min_voxels > 1 and mask.any():
         lab, k = ndimage.label(mask)
         sizes = np.bincount(lab.ravel())
@@ -287,7 +304,14 @@ def run(plan: Plan, sampler, progress=None, cancel=None) -> TaskResult:
                                 stage=f"reconstruction {r + 1}/{n}")[0]
     recon = (recon / n).cpu().numpy()
     amap, recon_hu, scored = anomaly_map(plan, recon)
-    mask = anomaly_mask(amap, scored, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)))
+    # Without a label map, what a 4 mm wide ball cannot fit into (rings along borders the model redraws
+    # slightly off) leaves the mask; with one, the organ check does that job and the opening cost
+    # lesion Dice (4 training-family pairs: 0.452 -> 0.442). Chosen on 10 training-family pairs
+    # among radii of 1-3 mm, thresholds of 4.5-6 and hysteresis: lesion Dice 0.221 -> 0.254, flagged
+    # on healthy volumes 5.0 -> 2.6 ml; on 6 held-out pairs outside the benchmark's: 0.120 -> 0.157,
+    # 9.2 -> 5.1 ml. Voxel and volume AUROC are those of the map, which it does not touch.
+    opening = ball(p["opening_mm"], image.spacing_kji) if plan.groups is None and p["opening_mm"] > 0 else None
+    mask = anomaly_mask(amap, scored, p["threshold"], min_voxels(p["min_size_mm3"], voxel_volume_ml(image)), opening)
     score = volume_score(amap, plan.body, image.spacing_kji)
     m = image.ijk_to_ras
     flagged_ml = float(mask.sum() * voxel_volume_ml(image))
