@@ -140,6 +140,7 @@ def test_tables_markdown_and_json(result, tmp_path):
 
 def test_cli_quick_writes_json_and_markdown(tiny_model_dir, tmp_path, capsys):
     from MedDiffFMLib.cli import main
+    from MedDiffFMLib.weights import sha256_file
 
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = main(["benchmark", "--quick", "--model", str(tiny_model_dir), "--sections", "denoise", "--no-nlm",
@@ -148,6 +149,8 @@ def test_cli_quick_writes_json_and_markdown(tiny_model_dir, tmp_path, capsys):
     assert "== Denoising (held-out family) ==" in capsys.readouterr().out
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["meta"]["steps"] == {"denoise": 1} and data["meta"]["families"] == ["heldout"]
+    # the weights measured are named by their checksum, so runs from two copies of them merge
+    assert data["meta"]["model_sha256"] == sha256_file(tiny_model_dir / "model.safetensors")
     assert {r["method"] for r in data["rows"]} == {"noisy input", "Gaussian (tuned sigma)", "model (DiffPIR)"}
     assert md.read_text(encoding="utf-8").startswith("# MedDiffFM benchmark")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temporary files left

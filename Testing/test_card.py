@@ -141,6 +141,13 @@ def test_merge_refuses_other_models_and_duplicate_rows():
         card.merge_results([a, _result(Rows(), model="elsewhere")])
     with pytest.raises(ValueError, match="same row"):
         card.merge_results([a, _restoration(37.0, 35.0)])
+    # the same weights found in another place are the same model; other weights are not
+    same, moved = _result(Rows(), command="second"), _result(Rows(), model="copy/meddifffm-demo-base")
+    same["meta"]["model_sha256"] = moved["meta"]["model_sha256"] = "ab" * 32
+    assert card.merge_results([same, moved])["meta"]["model"] == same["meta"]["model"]
+    moved["meta"]["model_sha256"] = "cd" * 32
+    with pytest.raises(ValueError, match="different models"):
+        card.merge_results([same, moved])
     merged = card.merge_results([a, _result(Rows(), command="second")])
     assert len(merged["rows"]) == len(a["rows"]) and merged["meta"]["command"].endswith("; second")
     fewer = _result(Rows(), command="third")

@@ -49,13 +49,15 @@ class Verdict:
 # ---------------------------------------------------------------- merging runs
 def merge_results(results: Sequence[dict]) -> dict:
     """One result from several runs of the same model (rows, captions, notes and commands joined).
+    The same model is the same weights (``model_sha256``), wherever the runs found them; results
+    without the checksum compare the model's path.
 
     Raises:
         ValueError: the runs measured different models, or the same row twice.
     """
     if not results:
         raise ValueError("no benchmark results to merge")
-    models = {r["meta"]["model"] for r in results}
+    models = {r["meta"].get("model_sha256") or r["meta"]["model"] for r in results}
     if len(models) > 1:
         raise ValueError(f"the results come from different models: {sorted(models)}")
     seen, rows = set(), []

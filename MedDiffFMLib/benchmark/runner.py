@@ -11,6 +11,7 @@ from .cases import Case, case_region, case_seed, clinical_grid, make_case
 from .generation import synthesis_case_indices
 from .options import (ANOMALY_LESIONS, FAMILY_TITLES, INPLANE_MM, SECTION_TASK, SLICE_MM, BenchmarkOptions)
 from .rows import Rows
+from ..weights import WEIGHTS_NAME, sha256_file
 from .task_facts import controlnet_task
 
 
@@ -124,6 +125,7 @@ def run_benchmark(model=None, *, superres_controlnet=None, lesion_controlnet=Non
     ctx.notes.extend(notes)
     ctx.meta = {
         "command": command, "model": str(Path(base_dir).resolve()),
+        "model_sha256": sha256_file(Path(base_dir) / WEIGHTS_NAME),
         "controlnets": {k: str(v.resolve()) if v else None for k, v in controlnets.items()},
         "cases": int(opts.cases), "families": list(opts.families), "seed_start": int(opts.seed_start),
         "sections": list(opts.sections), "fov_mm": list(opts.fov_mm), "inplane_mm": list(INPLANE_MM),
