@@ -255,19 +255,22 @@ def test_anomaly_mask_opening_drops_thin_parts_and_keeps_blobs():
 
 
 def test_anomaly_opens_the_mask_without_labels_only(tiny_model_dir, task_phantom):
-    """Without a label map the task's mask is its unopened mask opened by a ball of ``opening_mm``;
-    with one, ``opening_mm`` changes nothing."""
+    """Without a label map the task's mask is its unopened mask opened by a ball of ``opening_mm``
+    (by default too); with one, ``opening_mm`` changes nothing."""
     from scipy import ndimage
 
     from MedDiffFMLib.tasks.anomaly import ball
+    from MedDiffFMLib.tasks.registry import TASKS
 
+    default = TASKS["anomaly"].params["opening_mm"].default
     masks = {}
     for labels in (False, True):
-        for opening in (0.0, 2.0):
-            params = {"threshold": 0.5, "min_size_mm3": 0.0, "organ_check": False, "opening_mm": opening}
-            req = request_for("anomaly", task_phantom, params, anatomy=labels)
+        for opening in (0.0, None):
+            params = {"threshold": 0.5, "min_size_mm3": 0.0, "organ_check": False}
+            req = request_for("anomaly", task_phantom, params if opening is None else {**params, "opening_mm": opening},
+                              anatomy=labels)
             masks[labels, opening] = run_task("anomaly", req, tiny_model_dir, device="cpu").segmentations["anomaly"].array
     spacing = request_for("anomaly", task_phantom).image.spacing_kji
-    expected = ndimage.binary_opening(masks[False, 0.0], ball(2.0, spacing))
-    assert np.array_equal(masks[False, 2.0], expected) and masks[False, 2.0].sum() < masks[False, 0.0].sum()
-    assert np.array_equal(masks[True, 2.0], masks[True, 0.0])
+    expected = ndimage.binary_opening(masks[False, 0.0], ball(default, spacing))
+    assert np.array_equal(masks[False, None], expected) and masks[False, None].sum() < masks[False, 0.0].sum()
+    assert np.array_equal(masks[True, None], masks[True, 0.0])

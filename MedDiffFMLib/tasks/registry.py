@@ -246,7 +246,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                                 minimum=0.0, exclusive_minimum=True, maximum=1000.0),
             min_size_mm3=ParamSpec(float, 20.0, "drop mask components smaller than this volume",
                                    minimum=0.0, maximum=1e6, unit="mm^3"),
-            opening_mm=ParamSpec(float, 2.0, "without an anatomy label map: drop the parts of the mask thinner "
+            opening_mm=ParamSpec(float, 2.5, "without an anatomy label map: drop the parts of the mask thinner "
                                              "than about twice this (an opening by a ball of this radius; 0 = none)",
                                  minimum=0.0, maximum=50.0, unit="mm"),
         ),
