@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..weights import WEIGHTS_NAME, sha256_file
 from .cases import Case, case_region, case_seed, clinical_grid, make_case
 from .generation import synthesis_case_indices
 from .options import (ANOMALY_LESIONS, FAMILY_TITLES, INPLANE_MM, SECTION_TASK, SLICE_MM, BenchmarkOptions)
 from .rows import Rows
-from ..weights import WEIGHTS_NAME, sha256_file
 from .task_facts import controlnet_task
 
 
